@@ -2,7 +2,18 @@
 //!
 //! See `ARCHITECTURE.md` for the map of modules and the life of a request.
 
+pub mod admin;
+pub mod audit;
+pub mod cli;
 pub mod clock;
+pub mod config;
 pub mod envelope;
+pub mod gate;
+pub mod json_edit;
 pub mod keys;
+pub mod ledger;
+pub mod metrics;
 pub mod points;
+pub mod pricing;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,817 @@
+//! The request path: the whole life of a client request, in order, in this file.
+//!
+//! ```text
+//! authenticate → route → (read body) → price → reserve → forward → settle → reply → audit
+//! ```
+//!
+//! Each phase is a function named after it. Its result type says how it can end:
+//! `Err(Reject)` stops the request with an answer in the upstream's envelope and
+//! nothing charged. Only [`reply`] turns outcomes into HTTP responses.
+//!
+//! Money safety rests on three rules kept here:
+//! - a billable request is forwarded only after its reservation is durable;
+//! - once reserved, forward + settle run in a spawned task, so a client that hangs up
+//!   cannot leave a reservation unsettled;
+//! - a settlement is durable before the client gets its answer.
+
+use crate::audit::Audit;
+use crate::clock::SharedClock;
+use crate::config::{Config, RejectStatus, UnknownOutcome};
+use crate::envelope::{self, Code};
+use crate::json_edit;
+use crate::keys::{KeyCache, KeyRecord};
+use crate::ledger::{IdemBegin, Ledger, LedgerError, Settled, StoredAnswer};
+use crate::points::{Points, TransferId};
+use crate::pricing::{self, Endpoint, PriceInputs, Priced, Quote};
+use crate::upstream::client::{Answer, ForwardError, Upstream};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything a request needs, behind one cheap-to-clone handle.
+#[derive(Clone)]
+pub struct Gate {
+    inner: Arc<GateInner>,
+}
+
+/// The shared state of a running gate.
+pub struct GateInner {
+    /// The configuration it was started with.
+    pub cfg: Config,
+    /// The ledger (budgets, reservations, key records).
+    pub ledger: Ledger,
+    /// The audit log.
+    pub audit: Audit,
+    /// The pooled upstream client.
+    pub upstream: Upstream,
+    /// Keys by secret hash.
+    pub keys: KeyCache,
+    /// The clock.
+    pub clock: SharedClock,
+    /// Request counters and histograms.
+    pub metrics: crate::metrics::Metrics,
+}
+
+impl std::ops::Deref for Gate {
+    type Target = GateInner;
+    fn deref(&self) -> &GateInner {
+        &self.inner
+    }
+}
+
+impl Gate {
+    /// Assemble a gate from its parts.
+    pub fn new(inner: GateInner) -> Gate {
+        Gate {
+            inner: Arc::new(inner),
+        }
+    }
+}
+
+/// A refusal: the request ends here with the upstream's envelope.
+#[derive(Debug)]
+pub struct Reject {
+    /// Business code.
+    pub code: Code,
+    /// What went wrong, for the client.
+    pub msg: String,
+    /// HTTP status to use regardless of `reject_status` (413 for an oversized body).
+    pub status: Option<StatusCode>,
+    /// Short reason for audit and metrics (`"auth"`, `"budget"`, ...).
+    pub reason: &'static str,
+}
+
+impl Reject {
+    fn new(code: Code, reason: &'static str, msg: impl Into<String>) -> Reject {
+        Reject {
+            code,
+            msg: msg.into(),
+            status: None,
+            reason,
+        }
+    }
+}
+
+/// Per-request facts gathered along the way, for the reply and the audit record.
+struct Trace {
+    id: String,
+    started: Instant,
+    key: Option<Arc<KeyRecord>>,
+    endpoint: Option<Endpoint>,
+    path: String,
+    quote: Option<Quote>,
+    settled: Option<Settled>,
+    charged: Option<Points>,
+    upstream_status: Option<u16>,
+    upstream_code: Option<i64>,
+    task_id: Option<String>,
+    upstream_latency: Option<Duration>,
+    note: Option<String>,
+}
+
+/// What the request path produced: an answer to send back.
+enum Outcome {
+    /// The upstream's answer (possibly rewritten).
+    Upstream(Answer),
+    /// An answer the gate made itself (client/detail, idempotent replay).
+    Made { status: u16, body: Vec<u8> },
+}
+
+/// Where a path goes.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    /// Answered by the gate from the client's own account.
+    ClientDetail,
+    /// Forwarded without a charge.
+    Free(Endpoint),
+    /// Priced, reserved, forwarded, settled.
+    Billable(Endpoint),
+    /// An operator-configured extra path, forwarded without a charge.
+    Passthrough,
+}
+
+/// Serve one client request. Never fails: every error becomes an envelope.
+pub async fn handle(gate: Gate, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut t = Trace {
+        id: new_request_id(),
+        started: Instant::now(),
+        key: None,
+        endpoint: None,
+        path: req.uri().path().to_owned(),
+        quote: None,
+        settled: None,
+        charged: None,
+        upstream_status: None,
+        upstream_code: None,
+        task_id: None,
+        upstream_latency: None,
+        note: None,
+    };
+    let result = life(&gate, req, &mut t).await;
+    let resp = reply(&gate, &t, &result);
+    audit(&gate, &t, &result).await;
+    resp
+}
+
+/// The phases in order. Returns the answer to send, or the refusal.
+async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outcome, Reject> {
+    let key = authenticate(gate, req.headers())?;
+    t.key = Some(key.clone());
+    let route = route(gate, req.method(), &t.path)?;
+    if let Route::Free(ep) | Route::Billable(ep) = route {
+        t.endpoint = Some(ep);
+    }
+    let (parts, body) = req.into_parts();
+    let body = read_body(gate, &parts.headers, body).await?;
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_owned())
+        .unwrap_or_else(|| t.path.clone());
+    match route {
+        Route::ClientDetail => client_detail(gate, &key).await,
+        Route::Free(ep) => forward_free(gate, ep.is_get(), &pq, &parts.headers, body, t).await,
+        Route::Passthrough => {
+            let get = parts.method == Method::GET;
+            forward_free(gate, get, &pq, &parts.headers, body, t).await
+        }
+        Route::Billable(ep) => {
+            let quote = match price(gate, ep, &body)? {
+                Priced::Free => {
+                    return forward_free(gate, false, &pq, &parts.headers, body, t).await;
+                }
+                Priced::Billable(q) => q,
+            };
+            t.quote = Some(quote.clone());
+            let idem = idempotency(gate, &key, &parts.headers, &body).await?;
+            if let Some(IdemState::Replay(ans)) = idem {
+                t.note = Some("idempotent replay".into());
+                return Ok(Outcome::Made {
+                    status: ans.status,
+                    body: ans.body,
+                });
+            }
+            let idem_key = match idem {
+                Some(IdemState::Fresh(k)) => Some(k),
+                _ => None,
+            };
+            let reservation = match reserve(gate, &key, &quote, &t.id).await {
+                Ok(r) => r,
+                Err(rej) => {
+                    if let Some(k) = &idem_key {
+                        let _ = gate.ledger.idem_abandon(&key.id, k).await;
+                    }
+                    return Err(rej);
+                }
+            };
+            // From here the request is paid for: forward and settle must both run even
+            // if the client goes away, so they run in their own task.
+            let g = gate.clone();
+            let headers = parts.headers.clone();
+            let k = key.clone();
+            let job = tokio::spawn(async move {
+                let sent_at = Instant::now();
+                let fwd = forward(&g, &pq, &headers, body).await;
+                let latency = sent_at.elapsed();
+                let settled = settle(&g, &k, reservation, &quote, &fwd).await;
+                let out = finish_billable(&g, fwd, &settled);
+                if let (Some(ik), Ok(Outcome::Upstream(a))) = (&idem_key, &out) {
+                    let stored = StoredAnswer {
+                        status: a.status,
+                        body: a.body.to_vec(),
+                    };
+                    let _ = g.ledger.idem_finish(&k.id, ik, &stored).await;
+                } else if let Some(ik) = &idem_key {
+                    let _ = g.ledger.idem_abandon(&k.id, ik).await;
+                }
+                (settled, out, latency)
+            });
+            let (settled, out, latency) = job.await.map_err(|_| {
+                Reject::new(Code::Internal, "internal", "internal error while settling")
+            })?;
+            t.upstream_latency = Some(latency);
+            match &settled {
+                Ok(s) => {
+                    t.charged = Some(s.charged);
+                    t.task_id = s.task_id.clone();
+                    t.upstream_status = s.upstream_status;
+                    t.upstream_code = s.upstream_code;
+                    t.note = s.note.clone();
+                    t.settled = s.settled.clone();
+                }
+                Err(e) => t.note = Some(e.to_string()),
+            }
+            out
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Phases
+// ---------------------------------------------------------------------------
+
+/// Authenticate: find the client's key from `Auth-Token: <key>` or
+/// `Authorization: Bearer <key>`. Missing, empty, unknown, disabled or expired → 1001.
+fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<KeyRecord>, Reject> {
+    let presented = headers
+        .get("auth-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            headers
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+        });
+    let Some(secret) = presented else {
+        return Err(Reject::new(
+            Code::Auth,
+            "auth",
+            "authentication failed: no key given (send Auth-Token or Authorization: Bearer)",
+        ));
+    };
+    match gate.keys.lookup(secret) {
+        Some(k) if k.usable_at(gate.clock.now()) => Ok(k),
+        Some(k) if k.disabled => Err(Reject::new(
+            Code::Auth,
+            "auth",
+            "authentication failed: key is disabled",
+        )),
+        Some(_) => Err(Reject::new(
+            Code::Auth,
+            "auth",
+            "authentication failed: key has expired",
+        )),
+        None => Err(Reject::new(
+            Code::Auth,
+            "auth",
+            "authentication failed: unknown key",
+        )),
+    }
+}
+
+/// Route: decide what kind of request this is. Unknown paths and wrong methods are
+/// refused (fail closed) unless the operator configured them as pass-through.
+fn route(gate: &Gate, method: &Method, path: &str) -> Result<Route, Reject> {
+    if let Some(ep) = Endpoint::from_path(path) {
+        let want = if ep.is_get() {
+            Method::GET
+        } else {
+            Method::POST
+        };
+        if *method != want {
+            return Err(Reject::new(
+                Code::Invalid,
+                "method",
+                format!("{path} takes {want}, not {method}"),
+            ));
+        }
+        return Ok(match ep {
+            Endpoint::ClientDetail => Route::ClientDetail,
+            ep if ep.is_billable() => Route::Billable(ep),
+            ep => Route::Free(ep),
+        });
+    }
+    if gate.cfg.passthrough.iter().any(|p| p == path) {
+        return Ok(Route::Passthrough);
+    }
+    Err(Reject::new(
+        Code::Invalid,
+        "unknown_path",
+        format!("unknown endpoint {path}: the gate forwards only known 触站 API paths"),
+    ))
+}
+
+/// Read the whole body within the configured size and time limits.
+async fn read_body(gate: &Gate, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Reject> {
+    let limit = gate.cfg.limits.body_bytes;
+    let too_large = || Reject {
+        code: Code::Invalid,
+        msg: format!("request body too large: the limit is {limit} bytes"),
+        status: Some(StatusCode::PAYLOAD_TOO_LARGE),
+        reason: "body_too_large",
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let timeout = Duration::from_secs(gate.cfg.limits.body_read_timeout_secs);
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(Reject::new(
+            Code::Invalid,
+            "body_read",
+            "request body could not be read",
+        )),
+        Err(_) => Err(Reject::new(
+            Code::Invalid,
+            "body_timeout",
+            "request body not received in time",
+        )),
+    }
+}
+
+/// Price: the provider's formula for this endpoint and body, or 1003 naming the field.
+fn price(gate: &Gate, ep: Endpoint, body: &[u8]) -> Result<Priced, Reject> {
+    let inputs = PriceInputs::default();
+    pricing::price(&gate.cfg.pricing, ep, body, &inputs)
+        .map_err(|e| Reject::new(e.code(), "invalid", e.to_string()))
+}
+
+/// The client's `Idempotency-Key`, when it sent one.
+enum IdemState {
+    /// First time: proceed, then record the answer under this key.
+    Fresh(String),
+    /// Seen before with the same body: answer with this again.
+    Replay(StoredAnswer),
+}
+
+/// Look up the client's `Idempotency-Key`: replay a finished answer, refuse a reuse
+/// with another body or while the first is still in flight.
+async fn idempotency(
+    gate: &Gate,
+    key: &KeyRecord,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Option<IdemState>, Reject> {
+    let Some(ik) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let ik = ik
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .ok_or_else(|| {
+            Reject::new(
+                Code::Invalid,
+                "idempotency",
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )
+        })?;
+    let hash: [u8; 32] = {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(body).into()
+    };
+    match gate.ledger.idem_begin(&key.id, ik, &hash).await {
+        Ok(IdemBegin::New) => Ok(Some(IdemState::Fresh(ik.to_owned()))),
+        Ok(IdemBegin::Replay(a)) => Ok(Some(IdemState::Replay(a))),
+        Ok(IdemBegin::InFlight) => Err(Reject::new(
+            Code::Limit,
+            "idempotency",
+            "a request with this Idempotency-Key is still in progress",
+        )),
+        Ok(IdemBegin::Mismatch) => Err(Reject::new(
+            Code::Invalid,
+            "idempotency",
+            "Idempotency-Key was already used with a different body",
+        )),
+        Err(e) => Err(ledger_reject(e)),
+    }
+}
+
+/// A durable hold on points, to be consumed by exactly one settlement.
+struct Reservation {
+    id: TransferId,
+    points: Points,
+}
+
+/// Reserve: hold the quoted points on the client's budget, durably, in one atomic
+/// step. Not enough budget → 1002 with the price and what remains.
+async fn reserve(
+    gate: &Gate,
+    key: &KeyRecord,
+    quote: &Quote,
+    request_id: &str,
+) -> Result<Reservation, Reject> {
+    let points = Points(key.charge_for(quote.points.get()));
+    let id = TransferId(request_id.to_owned());
+    match gate.ledger.reserve(&key.id, points, &id).await {
+        Ok(_) => Ok(Reservation { id, points }),
+        Err(e) => Err(ledger_reject(e)),
+    }
+}
+
+fn ledger_reject(e: LedgerError) -> Reject {
+    match e {
+        LedgerError::Insufficient { needed, remaining } => Reject::new(
+            Code::Budget,
+            "budget",
+            format!("insufficient budget: this request costs {needed} points, {remaining} remain"),
+        ),
+        other => {
+            tracing::error!(error = %other, "ledger refused");
+            Reject::new(
+                Code::Internal,
+                "ledger",
+                "the gate cannot record this charge right now; nothing was charged",
+            )
+        }
+    }
+}
+
+/// Forward: send the original bytes upstream with the operator's token.
+async fn forward(
+    gate: &Gate,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Answer, ForwardError> {
+    let r = gate
+        .upstream
+        .send(false, path_and_query, headers, body)
+        .await;
+    gate.metrics
+        .upstream_done(r.as_ref().ok().map(|a| a.status));
+    r
+}
+
+/// Forward a free request and pass the answer back untouched.
+async fn forward_free(
+    gate: &Gate,
+    get: bool,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    t: &mut Trace,
+) -> Result<Outcome, Reject> {
+    let sent = Instant::now();
+    let r = gate.upstream.send(get, path_and_query, headers, body).await;
+    t.upstream_latency = Some(sent.elapsed());
+    match r {
+        Ok(a) => {
+            t.upstream_status = Some(a.status);
+            Ok(Outcome::Upstream(a))
+        }
+        Err(e) => Err(upstream_reject(&e)),
+    }
+}
+
+fn upstream_reject(e: &ForwardError) -> Reject {
+    tracing::warn!(error = %e, "upstream failed");
+    Reject::new(
+        Code::Internal,
+        "upstream",
+        match e {
+            ForwardError::NotSent(_) => "upstream unreachable; nothing was charged",
+            ForwardError::Unknown(_) => "upstream answer was lost",
+        },
+    )
+}
+
+/// What settling decided, for the reply and the audit.
+struct Settlement {
+    charged: Points,
+    remaining: Points,
+    settled: Option<Settled>,
+    task_id: Option<String>,
+    upstream_status: Option<u16>,
+    upstream_code: Option<i64>,
+    note: Option<String>,
+}
+
+/// The facts settle needs from an upstream answer.
+struct Verdict {
+    code: Option<i64>,
+    task_id: Option<String>,
+    used: Option<u64>,
+}
+
+fn read_verdict(body: &[u8]) -> Option<Verdict> {
+    #[derive(serde::Deserialize)]
+    struct Env<'a> {
+        code: Option<i64>,
+        #[serde(borrow)]
+        data: Option<Data<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Data<'a> {
+        #[serde(rename = "paintingSign", borrow)]
+        painting_sign: Option<&'a serde_json::value::RawValue>,
+        used: Option<serde_json::Number>,
+    }
+    let env: Env = serde_json::from_slice(body).ok()?;
+    let data = env.data;
+    let task_id = data
+        .as_ref()
+        .and_then(|d| d.painting_sign)
+        .map(|raw| {
+            serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_owned())
+        })
+        .filter(|s| !s.is_empty() && s != "null");
+    let used = data.and_then(|d| d.used).and_then(|n| {
+        n.as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f.round() as u64))
+    });
+    Some(Verdict {
+        code: env.code,
+        task_id,
+        used,
+    })
+}
+
+/// Settle: turn the upstream's answer into exactly one ledger transition.
+/// - code 0 with a task id → commit (to `data.used` × rate when present, else the quote);
+/// - business error, HTTP error, or never sent → void;
+/// - sent but the answer was lost or unreadable → the configured policy (default charge).
+async fn settle(
+    gate: &Gate,
+    key: &KeyRecord,
+    r: Reservation,
+    quote: &Quote,
+    fwd: &Result<Answer, ForwardError>,
+) -> Result<Settlement, LedgerError> {
+    let mut s = Settlement {
+        charged: Points::ZERO,
+        remaining: Points::ZERO,
+        settled: None,
+        task_id: None,
+        upstream_status: None,
+        upstream_code: None,
+        note: None,
+    };
+    let charge: Option<Points> = match fwd {
+        Err(ForwardError::NotSent(_)) => None,
+        Err(e @ ForwardError::Unknown(_)) => {
+            s.note = Some(format!("outcome unknown: {e}"));
+            match gate.cfg.upstream.unknown_outcome {
+                UnknownOutcome::Charge => Some(r.points),
+                UnknownOutcome::Void => None,
+            }
+        }
+        Ok(a) => {
+            s.upstream_status = Some(a.status);
+            match read_verdict(&a.body) {
+                _ if !(200..300).contains(&a.status) => None,
+                Some(v) => {
+                    s.upstream_code = v.code;
+                    s.task_id = v.task_id.clone();
+                    match (v.code, v.task_id) {
+                        (Some(0), Some(_)) => Some(match v.used {
+                            Some(u) => Points(key.charge_for(u)),
+                            None => Points(key.charge_for(quote.points.get())),
+                        }),
+                        (Some(0), None) => {
+                            s.note = Some("upstream accepted without a task id".into());
+                            match gate.cfg.upstream.unknown_outcome {
+                                UnknownOutcome::Charge => Some(r.points),
+                                UnknownOutcome::Void => None,
+                            }
+                        }
+                        _ => None,
+                    }
+                }
+                None => {
+                    s.note = Some("upstream answer is not JSON: outcome unknown".into());
+                    match gate.cfg.upstream.unknown_outcome {
+                        UnknownOutcome::Charge => Some(r.points),
+                        UnknownOutcome::Void => None,
+                    }
+                }
+            }
+        }
+    };
+    let settled = match charge {
+        Some(p) => gate.ledger.commit(&r.id, p).await?,
+        None => gate.ledger.void(&r.id).await?,
+    };
+    s.charged = charge.unwrap_or(Points::ZERO);
+    s.remaining = settled.remaining;
+    s.settled = Some(settled);
+    Ok(s)
+}
+
+/// Turn a settled forward into the answer for the client: rewrite `data.balance`
+/// and `data.used` of an accepted submit, pass everything else through.
+fn finish_billable(
+    gate: &Gate,
+    fwd: Result<Answer, ForwardError>,
+    settled: &Result<Settlement, LedgerError>,
+) -> Result<Outcome, Reject> {
+    let s = match settled {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "settlement failed");
+            return Err(Reject::new(
+                Code::Internal,
+                "ledger",
+                "the gate could not record the settlement of this request",
+            ));
+        }
+    };
+    let _ = gate;
+    match fwd {
+        Err(e) => Err(upstream_reject(&e)),
+        Ok(mut a) => {
+            if s.upstream_code == Some(0) && s.task_id.is_some() {
+                a.body = Bytes::from(rewrite_submit(&a.body, s.charged, s.remaining));
+            }
+            Ok(Outcome::Upstream(a))
+        }
+    }
+}
+
+/// Set `data.used` and `data.balance` in a submit answer, changing nothing else.
+fn rewrite_submit(body: &[u8], charged: Points, remaining: Points) -> Vec<u8> {
+    let mut out = body.to_vec();
+    for (field, value) in [("used", charged), ("balance", remaining)] {
+        let v = value.to_string().into_bytes();
+        out = match json_edit::find_path(&out, &["data", field]) {
+            Some(m) => json_edit::splice(&out, vec![(m.value, v)]),
+            None => match json_edit::find_path(&out, &["data"]) {
+                Some(d) => json_edit::insert_member(&out, d.value, field, &v).unwrap_or(out),
+                None => out,
+            },
+        };
+    }
+    out
+}
+
+/// `GET /aiapi/v1/client/detail`, answered from the client's own account; the
+/// operator's upstream balance is never shown.
+async fn client_detail(gate: &Gate, key: &KeyRecord) -> Result<Outcome, Reject> {
+    let acc = gate.ledger.account(&key.id).await.map_err(ledger_reject)?;
+    let data = json!({
+        "companyName": key.name,
+        "balance": acc.remaining.get(),
+        "used": acc.spent.get(),
+        "taskLimitCount": key.concurrency.unwrap_or(0),
+    });
+    Ok(Outcome::Made {
+        status: 200,
+        body: envelope::ok_body(&data),
+    })
+}
+
+/// Reply: the only place outcomes become HTTP responses. Every answer carries
+/// `X-Request-Id`.
+fn reply(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match result {
+        Ok(Outcome::Upstream(a)) => (
+            StatusCode::from_u16(a.status).unwrap_or(StatusCode::BAD_GATEWAY),
+            a.content_type
+                .clone()
+                .unwrap_or_else(|| HeaderValue::from_static("application/json")),
+            a.body.clone(),
+        ),
+        Ok(Outcome::Made { status, body }) => (
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+            HeaderValue::from_static("application/json;charset=UTF-8"),
+            Bytes::from(body.clone()),
+        ),
+        Err(r) => {
+            let status = r.status.unwrap_or(match gate.cfg.reject_status {
+                RejectStatus::Upstream => StatusCode::OK,
+                RejectStatus::Semantic => {
+                    StatusCode::from_u16(r.code.semantic_status()).unwrap_or(StatusCode::OK)
+                }
+            });
+            (
+                status,
+                HeaderValue::from_static("application/json;charset=UTF-8"),
+                Bytes::from(envelope::error_body(r.code, &r.msg)),
+            )
+        }
+    };
+    gate.metrics.request_done(
+        t.endpoint.map(Endpoint::name).unwrap_or("other"),
+        decision(result),
+        t.started.elapsed(),
+        t.upstream_latency,
+    );
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, ctype);
+    if let Ok(v) = HeaderValue::from_str(&t.id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+fn decision(result: &Result<Outcome, Reject>) -> &'static str {
+    match result {
+        Ok(_) => "admitted",
+        Err(r) => r.reason,
+    }
+}
+
+/// Audit: one record per decision, written off the hot path (the audit queue waits
+/// rather than drops when full).
+async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
+    let mut m = Map::new();
+    m.insert("event".into(), Value::from("request"));
+    m.insert("request_id".into(), Value::from(t.id.as_str()));
+    if let Some(k) = &t.key {
+        m.insert("key_id".into(), Value::from(k.id.as_str()));
+        m.insert("key_name".into(), Value::from(k.name.as_str()));
+    }
+    m.insert("endpoint".into(), Value::from(t.path.as_str()));
+    m.insert("decision".into(), Value::from(decision(result)));
+    if let Err(r) = result {
+        m.insert("code".into(), Value::from(r.code.as_i64()));
+        m.insert("reason".into(), Value::from(r.msg.as_str()));
+    }
+    if let Some(q) = &t.quote {
+        m.insert("price".into(), Value::from(q.points.get()));
+        m.insert(
+            "breakdown".into(),
+            serde_json::to_value(&q.breakdown).unwrap_or(Value::Null),
+        );
+        m.insert("table_version".into(), Value::from(&*q.version));
+    }
+    if let Some(c) = t.charged {
+        m.insert("charged".into(), Value::from(c.get()));
+    }
+    if let Some(s) = &t.settled {
+        m.insert(
+            "settlement".into(),
+            serde_json::to_value(s).unwrap_or(Value::Null),
+        );
+        m.insert("remaining".into(), Value::from(s.remaining.get()));
+    }
+    if let Some(s) = t.upstream_status {
+        m.insert("upstream_status".into(), Value::from(s));
+    }
+    if let Some(c) = t.upstream_code {
+        m.insert("upstream_code".into(), Value::from(c));
+    }
+    if let Some(id) = &t.task_id {
+        m.insert("task_id".into(), Value::from(id.as_str()));
+    }
+    if let Some(n) = &t.note {
+        m.insert("note".into(), Value::from(n.as_str()));
+    }
+    m.insert(
+        "latency_ms".into(),
+        Value::from(t.started.elapsed().as_secs_f64() * 1000.0),
+    );
+    if let Some(u) = t.upstream_latency {
+        m.insert("upstream_ms".into(), Value::from(u.as_secs_f64() * 1000.0));
+    }
+    if let Err(e) = gate.audit.record(m).await {
+        tracing::error!(error = %e, "audit record failed");
+    }
+}
+
+/// A request id: 16 random hex digits, unique enough to name a ledger transfer.
+fn new_request_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 12];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}

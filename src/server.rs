@@ -1,0 +1,278 @@
+//! Starting and stopping a gate: the listeners, the background work, and the
+//! graceful drain. Everything long-lived starts in [`start`] and stops in
+//! [`Running::shutdown`], in that one place.
+
+use crate::admin;
+use crate::audit::{Audit, AuditWriter};
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::Config;
+use crate::gate::{self, Gate, GateInner};
+use crate::keys::KeyCache;
+use crate::ledger::{BackendKind, Ledger};
+use crate::upstream::client::Upstream;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Why a gate could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The admin listener would be open to the network without a token.
+    #[error("refusing to open the admin listener on non-loopback {0} without GATE_ADMIN_TOKEN")]
+    AdminWithoutToken(SocketAddr),
+    /// The ledger could not open.
+    #[error("ledger: {0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// The audit log could not open.
+    #[error("audit: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    /// The upstream client could not be built.
+    #[error("upstream: {0}")]
+    Upstream(#[from] crate::upstream::client::ForwardError),
+    /// The data directory could not be created.
+    #[error("data directory {0}: {1}")]
+    DataDir(String, std::io::Error),
+}
+
+/// A running gate.
+pub struct Running {
+    /// The client listener's address.
+    pub addr: SocketAddr,
+    /// The admin listener's address.
+    pub admin_addr: SocketAddr,
+    /// The shared state (tests reach the ledger through it).
+    pub gate: Gate,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    audit_writer: Option<AuditWriter>,
+}
+
+/// Open the ledger and audit log, load the keys, bind both listeners and serve.
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    start_with_clock(cfg, Arc::new(SystemClock)).await
+}
+
+/// As [`start`], with an injected clock.
+pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running, StartError> {
+    if !cfg.admin_listen.ip().is_loopback() && cfg.admin_token.is_empty() {
+        return Err(StartError::AdminWithoutToken(cfg.admin_listen));
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| StartError::DataDir(cfg.data_dir.display().to_string(), e))?;
+    let ledger = Ledger::open(&cfg.ledger, clock.clone()).await?;
+    let (audit, audit_writer) = if cfg.audit.enabled {
+        let (a, w) = Audit::open(&cfg.audit, clock.clone()).await?;
+        (a, Some(w))
+    } else {
+        (Audit::disabled(), None)
+    };
+    let upstream = Upstream::new(&cfg.upstream)?;
+    let keys = KeyCache::default();
+    keys.replace_all(ledger.keys().await?);
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(cfg.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: cfg.admin_listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.admin_listen,
+            source,
+        })?;
+    let shared_store = cfg.ledger.backend == BackendKind::Postgres;
+    let gate = Gate::new(GateInner {
+        cfg,
+        ledger,
+        audit,
+        upstream,
+        keys,
+        clock,
+        metrics: Default::default(),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let g = gate.clone();
+    tasks.push(tokio::spawn(serve_loop(
+        listener,
+        stop_rx.clone(),
+        g.cfg.limits.header_read_timeout_secs,
+        Duration::from_secs(g.cfg.limits.drain_secs),
+        move |req| {
+            let g = g.clone();
+            async move { Ok::<_, std::convert::Infallible>(gate::handle(g, req).await) }
+        },
+    )));
+    let g = gate.clone();
+    tasks.push(tokio::spawn(serve_loop(
+        admin_listener,
+        stop_rx.clone(),
+        g.cfg.limits.header_read_timeout_secs,
+        Duration::from_secs(5),
+        move |req| {
+            let g = g.clone();
+            async move { Ok::<_, std::convert::Infallible>(admin::handle(g, req).await) }
+        },
+    )));
+    tasks.push(tokio::spawn(housekeeping(
+        gate.clone(),
+        stop_rx,
+        shared_store,
+    )));
+    tracing::info!(%addr, %admin_addr, upstream = gate.upstream.base(), "gate listening");
+    Ok(Running {
+        addr,
+        admin_addr,
+        gate,
+        stop,
+        tasks,
+        audit_writer,
+    })
+}
+
+/// Background upkeep: resolve expired reservations; with a shared store, reload
+/// keys so that changes made on another replica take effect here too.
+async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, shared_store: bool) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        n += 1;
+        if shared_store {
+            if let Ok(keys) = gate.ledger.keys().await {
+                gate.keys.replace_all(keys);
+            }
+        }
+        if n % 10 == 0 {
+            match gate.ledger.expire_pending().await {
+                Ok(v) if !v.is_empty() => {
+                    tracing::warn!(count = v.len(), "expired pending reservations resolved")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "expiring reservations failed"),
+            }
+        }
+    }
+}
+
+/// Accept connections until told to stop, then drain the open ones (bounded).
+async fn serve_loop<F, Fut>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    header_timeout_secs: u64,
+    drain: Duration,
+    svc: F,
+) where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = Result<
+                hyper::Response<http_body_util::Full<bytes::Bytes>>,
+                std::convert::Infallible,
+            >,
+        > + Send
+        + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = svc.clone();
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(header_timeout_secs))
+            .max_buf_size(64 * 1024)
+            .serve_connection(TokioIo::new(stream), service_fn(svc));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timed out; closing remaining connections");
+    }
+}
+
+impl Running {
+    /// Stop accepting, drain in-flight requests, flush the audit log and the ledger.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        if let Err(e) = self.gate.audit.flush().await {
+            tracing::error!(error = %e, "audit flush failed");
+        }
+        if let Some(w) = self.audit_writer.take() {
+            w.shutdown().await;
+        }
+        if let Err(e) = self.gate.ledger.close().await {
+            tracing::error!(error = %e, "ledger close failed");
+        }
+        tracing::info!("gate stopped");
+    }
+}
+
+/// Wait for SIGTERM or ctrl-c.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
