@@ -1,0 +1,129 @@
+//! Shared fixtures for the integration tests: a simulator on a random port and a
+//! gate in front of it, both in-process, with a real SQLite ledger in a temp dir.
+#![allow(dead_code)]
+
+use chuzhan_gate::config::{Config, Secret};
+use chuzhan_gate::server::{self, Running};
+use chuzhan_gate::upstream::sim::{self, SimConfig, SimHandle};
+use serde_json::{json, Value};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+pub struct Env {
+    pub sim: SimHandle,
+    pub gate: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+pub async fn start_sim(cfg: SimConfig) -> SimHandle {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    sim::spawn(cfg, l).await.unwrap()
+}
+
+pub fn gate_config(dir: &std::path::Path, upstream: &str, token: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.admin_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.data_dir = dir.to_path_buf();
+    cfg.ledger.path = Some(dir.join("ledger.db"));
+    cfg.audit.dir = Some(dir.join("audit"));
+    cfg.upstream.url = upstream.to_owned();
+    cfg.upstream.token = Secret::new(token);
+    cfg.upstream.timeout_secs = 10;
+    cfg.admin_token = Secret::new(ADMIN_TOKEN);
+    cfg
+}
+
+impl Env {
+    pub async fn new() -> Env {
+        Self::with(SimConfig::default(), |_| {}).await
+    }
+
+    pub async fn with(sim_cfg: SimConfig, tweak: impl FnOnce(&mut Config)) -> Env {
+        let token = sim_cfg.token.clone();
+        let sim = start_sim(sim_cfg).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = gate_config(dir.path(), &sim.url(), &token);
+        tweak(&mut cfg);
+        let gate = server::start(cfg).await.unwrap();
+        Env {
+            sim,
+            gate: Some(gate),
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn gate(&self) -> &Running {
+        self.gate.as_ref().unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.gate().addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.gate().admin_addr, path)
+    }
+
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, self.admin_url(path))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Create a key and return (id, secret).
+    pub async fn key(&self, body: Value) -> (String, String) {
+        let (s, v) = self
+            .admin(reqwest::Method::POST, "/admin/keys", Some(body))
+            .await;
+        assert_eq!(s, 201, "{v}");
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    pub async fn post(&self, path: &str, secret: &str, body: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .header("Auth-Token", secret)
+            .header("Content-Type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            headers,
+        )
+    }
+
+    pub async fn account(&self, id: &str) -> Value {
+        let (s, v) = self
+            .admin(reqwest::Method::GET, &format!("/admin/keys/{id}"), None)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+}
+
+pub const SEED_768: &str = r#"{"prompt":"one boy","modelStyleId":1,"width":768,"height":1024}"#;
+
+pub fn draw_body(prompt: &str) -> String {
+    json!({"prompt": prompt, "modelStyleId": 1, "width": 768, "height": 1024}).to_string()
+}
