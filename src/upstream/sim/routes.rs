@@ -641,8 +641,21 @@ fn header_map(headers: &HeaderMap) -> BTreeMap<String, String> {
 }
 
 /// The upstream's compact envelope. serde_json never escapes `/`.
+/// A struct rather than `json!` so the fields keep the upstream's order.
 fn envelope(code: i64, msg: &str, data: Value) -> Bytes {
-    let body = json!({"code": code, "success": code == 0, "msg": msg, "data": data});
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        code: i64,
+        success: bool,
+        msg: &'a str,
+        data: Value,
+    }
+    let body = Envelope {
+        code,
+        success: code == 0,
+        msg,
+        data,
+    };
     Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
 }
 
