@@ -791,6 +791,21 @@ async fn the_request_log_keeps_the_last_thousand() {
 }
 
 #[tokio::test]
+async fn the_request_log_drops_old_bodies_past_64_mb() {
+    let sim = start(instant()).await;
+    let big = vec![b'a'; 25 * 1024 * 1024];
+    for _ in 0..3 {
+        post_raw(&sim, "/aiapi/v1/task/detail", big.clone())
+            .await
+            .unwrap();
+    }
+    let log = sim.requests();
+    assert_eq!(log.len(), 2);
+    assert!(log.iter().all(|r| r.body.len() == big.len()));
+    assert_eq!(sim.stats().requests, 3);
+}
+
+#[tokio::test]
 async fn stats_and_faults_are_reachable_over_http() {
     let sim = start(instant()).await;
     draw(&sim, json!({"prompt":"x"})).await;

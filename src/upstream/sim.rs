@@ -47,6 +47,10 @@ use tokio::task::{JoinHandle, JoinSet};
 /// How many requests [`SimHandle::requests`] keeps (the most recent ones).
 pub const REQUEST_LOG_CAPACITY: usize = 1000;
 
+/// The request log also stops at this many body bytes, dropping the oldest first, so
+/// a run of multi-MB image uploads does not hold gigabytes.
+pub const REQUEST_LOG_MAX_BYTES: usize = 64 * 1024 * 1024;
+
 /// How long [`SimHandle::shutdown`] lets open connections finish before cutting them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -261,6 +265,13 @@ impl Submit {
     }
 }
 
+/// The most recent requests and the size of their bodies.
+#[derive(Default)]
+struct RequestLog {
+    entries: VecDeque<SimRequest>,
+    bytes: usize,
+}
+
 /// State shared by every connection; one per simulator.
 struct Shared {
     cfg: SimConfig,
@@ -272,7 +283,7 @@ struct Shared {
     in_flight: AtomicU32,
     fault: Mutex<Fault>,
     requests_total: AtomicU64,
-    log: Mutex<VecDeque<SimRequest>>,
+    log: Mutex<RequestLog>,
     submits: [AtomicU64; Submit::ALL.len()],
     rejections: DashMap<i64, u64>,
     tasks: DashMap<String, tasks::Task>,
@@ -282,6 +293,9 @@ struct Shared {
     callbacks_attempted: AtomicU64,
     callbacks_delivered: AtomicU64,
     callbacks_abandoned: AtomicU64,
+    /// Tasks ended, counted apart from the map because finished tasks are forgotten.
+    succeeded: AtomicU64,
+    failed: AtomicU64,
     /// For callbacks. Built once: connection pooling, and no per-callback TLS setup.
     http: reqwest::Client,
     /// Turns true on shutdown; task timers and callbacks stop on it.
@@ -302,20 +316,29 @@ impl Shared {
     fn record(&self, req: SimRequest) {
         self.requests_total.fetch_add(1, Ordering::Relaxed);
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        if log.len() >= REQUEST_LOG_CAPACITY {
-            log.pop_front();
+        while log.entries.len() >= REQUEST_LOG_CAPACITY
+            || (!log.entries.is_empty() && log.bytes + req.body.len() > REQUEST_LOG_MAX_BYTES)
+        {
+            if let Some(old) = log.entries.pop_front() {
+                log.bytes -= old.body.len();
+            }
         }
-        log.push_back(req);
+        log.bytes += req.body.len();
+        log.entries.push_back(req);
     }
 
     fn stats(&self) -> SimStats {
-        let mut counts = TaskCounts::default();
+        // Ended counts first: a task ending during the scan is then never counted twice.
+        let mut counts = TaskCounts {
+            success: self.succeeded.load(Ordering::SeqCst),
+            fail: self.failed.load(Ordering::SeqCst),
+            ..TaskCounts::default()
+        };
         for t in self.tasks.iter() {
             match t.phase(self.cfg.task_ms) {
                 tasks::Phase::InQueue => counts.in_queue += 1,
                 tasks::Phase::Running(_) => counts.running += 1,
-                tasks::Phase::Done(tasks::Outcome::Success) => counts.success += 1,
-                tasks::Phase::Done(tasks::Outcome::Fail) => counts.fail += 1,
+                tasks::Phase::Done(_) => {}
             }
         }
         SimStats {
@@ -385,19 +408,16 @@ impl SimHandle {
         self.shared.stats()
     }
 
-    /// The last [`REQUEST_LOG_CAPACITY`] requests received on upstream routes, oldest first.
+    /// The last [`REQUEST_LOG_CAPACITY`] requests received on upstream routes, oldest
+    /// first (fewer when their bodies pass [`REQUEST_LOG_MAX_BYTES`]).
     pub fn requests(&self) -> Vec<SimRequest> {
         let log = self.shared.log.lock().unwrap_or_else(|p| p.into_inner());
-        log.iter().cloned().collect()
+        log.entries.iter().cloned().collect()
     }
 
     /// Forgets the recorded requests (counters stay).
     pub fn clear_requests(&self) {
-        self.shared
-            .log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        *self.shared.log.lock().unwrap_or_else(|p| p.into_inner()) = RequestLog::default();
     }
 
     /// Sets the fault for subsequent requests.
@@ -442,7 +462,7 @@ pub async fn spawn(cfg: SimConfig, listener: TcpListener) -> std::io::Result<Sim
         in_flight: AtomicU32::new(0),
         fault: Mutex::new(Fault::None),
         requests_total: AtomicU64::new(0),
-        log: Mutex::new(VecDeque::with_capacity(REQUEST_LOG_CAPACITY)),
+        log: Mutex::new(RequestLog::default()),
         submits: Default::default(),
         rejections: DashMap::new(),
         tasks: DashMap::new(),
@@ -451,11 +471,14 @@ pub async fn spawn(cfg: SimConfig, listener: TcpListener) -> std::io::Result<Sim
         callbacks_attempted: AtomicU64::new(0),
         callbacks_delivered: AtomicU64::new(0),
         callbacks_abandoned: AtomicU64::new(0),
+        succeeded: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
         http,
         stop: stop_rx.clone(),
         huge: OnceLock::new(),
         cfg,
     });
+    tokio::spawn(tasks::reap(shared.clone()));
     let server = tokio::spawn(accept_loop(listener, shared.clone(), stop_rx));
     Ok(SimHandle {
         addr,

@@ -26,6 +26,13 @@ pub(super) enum Outcome {
     Fail,
 }
 
+/// The end of a task: how, and when (for forgetting it later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ended {
+    pub outcome: Outcome,
+    pub at: Instant,
+}
+
 /// Where a task is now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Phase {
@@ -72,13 +79,13 @@ pub(super) struct Task {
     created: Instant,
     will_fail: bool,
     callback: Option<Callback>,
-    done: watch::Sender<Option<Outcome>>,
+    done: watch::Sender<Option<Ended>>,
 }
 
 impl Task {
     pub(super) fn phase(&self, task_ms: u64) -> Phase {
-        if let Some(outcome) = *self.done.borrow() {
-            return Phase::Done(outcome);
+        if let Some(ended) = *self.done.borrow() {
+            return Phase::Done(ended.outcome);
         }
         let elapsed = self.created.elapsed().as_secs_f64() * 1000.0;
         let total = task_ms.max(1) as f64;
@@ -91,8 +98,13 @@ impl Task {
         }
     }
 
-    pub(super) fn subscribe(&self) -> watch::Receiver<Option<Outcome>> {
+    pub(super) fn subscribe(&self) -> watch::Receiver<Option<Ended>> {
         self.done.subscribe()
+    }
+
+    /// True when the task ended before `deadline`.
+    pub(super) fn ended_before(&self, deadline: Instant) -> bool {
+        self.done.borrow().is_some_and(|e| e.at < deadline)
     }
 }
 
@@ -191,7 +203,10 @@ fn finish(shared: &Arc<Shared>, id: &str) {
             if o.is_some() {
                 return false;
             }
-            *o = Some(outcome);
+            *o = Some(Ended {
+                outcome,
+                at: Instant::now(),
+            });
             true
         });
         if !first {
@@ -206,9 +221,15 @@ fn finish(shared: &Arc<Shared>, id: &str) {
         (outcome, task.used, callback)
     };
     shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-    if outcome == Outcome::Fail {
-        shared.balance.fetch_add(used, Ordering::SeqCst);
-        shared.charged.fetch_sub(used, Ordering::SeqCst);
+    match outcome {
+        Outcome::Success => {
+            shared.succeeded.fetch_add(1, Ordering::Relaxed);
+        }
+        Outcome::Fail => {
+            shared.balance.fetch_add(used, Ordering::SeqCst);
+            shared.charged.fetch_sub(used, Ordering::SeqCst);
+            shared.failed.fetch_add(1, Ordering::Relaxed);
+        }
     }
     if let Some((cb, mut fields)) = callback {
         fields.insert(
@@ -356,4 +377,31 @@ pub(super) fn detail(shared: &Shared, id: &str, task: &Task, style: Style, previ
         }
     };
     Value::Object(m)
+}
+
+/// Finished tasks are forgotten after this long (result URLs upstream live about as long).
+const TASK_TTL: Duration = Duration::from_secs(30 * 60);
+/// Above this many stored tasks (a load benchmark), finished ones go after `SHORT_TTL`.
+const TASKS_SOFT_MAX: usize = 100_000;
+const SHORT_TTL: Duration = Duration::from_secs(5);
+const REAP_EVERY: Duration = Duration::from_secs(2);
+
+/// Forgets finished tasks so a long benchmark does not grow the simulator without
+/// bound. Detail requests for a forgotten task answer "task not found".
+pub(super) async fn reap(shared: Arc<Shared>) {
+    let mut stop = shared.stop.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REAP_EVERY) => {}
+            _ = stopped(&mut stop) => return,
+        }
+        let ttl = if shared.tasks.len() > TASKS_SOFT_MAX {
+            SHORT_TTL
+        } else {
+            TASK_TTL
+        };
+        if let Some(deadline) = Instant::now().checked_sub(ttl) {
+            shared.tasks.retain(|_, t| !t.ended_before(deadline));
+        }
+    }
 }
