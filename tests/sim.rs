@@ -361,7 +361,7 @@ async fn states_seen(sim: &SimHandle, path: &str, id: &str) -> (Vec<String>, Vec
 #[tokio::test]
 async fn a_task_moves_from_in_queue_through_running_to_success() {
     let sim = start(SimConfig {
-        task_ms: 1200,
+        task_ms: 2000,
         ..SimConfig::default()
     })
     .await;
@@ -692,7 +692,7 @@ async fn a_submit_above_the_balance_answers_1002() {
 async fn more_unfinished_tasks_than_the_limit_answers_1005() {
     let sim = start(SimConfig {
         task_limit: 2,
-        task_ms: 800,
+        task_ms: 2000,
         ..SimConfig::default()
     })
     .await;

@@ -521,8 +521,12 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let service = service_fn(move |req| routes::handle(shared.clone(), req));
+    // Idle keep-alive connections are never closed by the simulator: a close racing a
+    // pooled client's next POST would make tests flaky. (A real server does close them,
+    // typically after 60-75 s; the gate's pool idle timeout should stay below that.)
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
+        .header_read_timeout(None)
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
