@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of modules and the life of a request.
 
+pub mod audit;
 pub mod clock;
 pub mod envelope;
 pub mod keys;
