@@ -750,3 +750,63 @@ async fn verify_cmd_exits_0_clean_1_broken_2_error() {
     assert_eq!(verify_cmd(tmp.path()), 1);
     assert_eq!(verify_cmd(&tmp.path().join("nowhere")), 2);
 }
+
+/// One small clean log, made once: (file name, file bytes, head.json bytes).
+fn sample_log() -> &'static (String, Vec<u8>, Vec<u8>) {
+    static LOG: std::sync::OnceLock<(String, Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (tmp, path) = rt.block_on(one_file_log(12));
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let bytes = std::fs::read(&path).unwrap();
+        let head = std::fs::read(tmp.path().join("head.json")).unwrap();
+        (name, bytes, head)
+    })
+}
+
+fn verify_bytes(bytes: &[u8]) -> audit::VerifyReport {
+    let (name, _, head) = sample_log();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join(name), bytes).unwrap();
+    std::fs::write(tmp.path().join("head.json"), head).unwrap();
+    verify(tmp.path()).expect("verify")
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn any_changed_byte_breaks_the_chain(
+        pos in proptest::prelude::any::<proptest::sample::Index>(),
+        byte in proptest::prelude::any::<u8>(),
+    ) {
+        let (_, bytes, _) = sample_log();
+        proptest::prop_assert_eq!(verify_bytes(bytes).first_break, None);
+        let i = pos.index(bytes.len());
+        proptest::prop_assume!(bytes[i] != byte);
+        let mut changed = bytes.clone();
+        changed[i] = byte;
+        let report = verify_bytes(&changed);
+        proptest::prop_assert!(report.first_break.is_some(), "byte {} -> {}: {}", i, byte, report);
+    }
+
+    #[test]
+    fn any_removed_or_duplicated_line_breaks_the_chain(
+        pos in proptest::prelude::any::<proptest::sample::Index>(),
+        duplicate in proptest::prelude::any::<bool>(),
+    ) {
+        let (_, bytes, _) = sample_log();
+        let mut lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+        let i = pos.index(lines.len());
+        if duplicate {
+            lines.insert(i, lines[i]);
+        } else {
+            lines.remove(i);
+        }
+        let report = verify_bytes(&lines.concat());
+        proptest::prop_assert!(report.first_break.is_some(), "line {}: {}", i, report);
+    }
+}

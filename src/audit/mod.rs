@@ -510,3 +510,61 @@ fn parse_line(line: &[u8]) -> Result<Parsed, String> {
         value,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip_and_sort_by_number() {
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 11, 23).unwrap_or_default();
+        let name = file_name(day, 7);
+        assert_eq!(name, "audit-20261123-000007.jsonl");
+        assert_eq!(parse_file_name(&name), Some((day, 7)));
+        assert_eq!(
+            parse_file_name("audit-20261123-1234567.jsonl").map(|p| p.1),
+            Some(1_234_567)
+        );
+        for bad in [
+            "audit-20261123-7.jsonl",
+            "audit-2026112-000001.jsonl",
+            "audit-20261323-000001.jsonl",
+            "audit-20261123-000001.jsonl.tmp",
+            "head.json",
+        ] {
+            assert_eq!(parse_file_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_hash_covers_the_line_up_to_the_hash_field() {
+        let body = br#"{"ts":"t","seq":1,"prev":"p","a":1"#;
+        let hash = canonical_hash(body);
+        let line = format!("{},\"hash\":\"{hash}\"}}", String::from_utf8_lossy(body));
+        assert_eq!(
+            split_hash(line.as_bytes()),
+            Some((&body[..], hash.as_str()))
+        );
+        assert_ne!(
+            canonical_hash(br#"{"ts":"t","seq":1,"prev":"p","a":2"#),
+            hash
+        );
+        assert_eq!(split_hash(b"{\"a\":1}"), None);
+    }
+
+    #[test]
+    fn scrub_drops_secrets_always_and_prompts_by_default() {
+        let mut rec = match serde_json::json!({
+            "Prompt": "x", "AUTHORIZATION": "Bearer y", "nested": [{"token": "z", "n": 1}]
+        }) {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        scrub(&mut rec, true);
+        assert!(rec.contains_key("Prompt"));
+        assert!(!rec.contains_key("AUTHORIZATION"));
+        assert_eq!(rec["nested"], serde_json::json!([{"n": 1}]));
+        scrub(&mut rec, false);
+        assert!(!rec.contains_key("Prompt"));
+    }
+}
