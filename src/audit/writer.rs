@@ -178,10 +178,10 @@ impl Writer {
                 }
             }
             self.retry(&mut flushers, stop, Writer::commit);
-            answer(&mut flushers, Ok(()));
             if self.gave_up {
                 break;
             }
+            answer(&mut flushers, Ok(()));
             if stop.load(Ordering::SeqCst) {
                 // Refuse new records; drain what is already queued.
                 rx.close();
@@ -192,7 +192,9 @@ impl Writer {
                     }
                 }
                 self.retry(&mut flushers, stop, Writer::commit);
-                answer(&mut flushers, Ok(()));
+                if !self.gave_up {
+                    answer(&mut flushers, Ok(()));
+                }
                 break;
             }
         }
