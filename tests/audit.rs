@@ -59,7 +59,10 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("read_dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("audit-"))
+        })
         .collect();
     v.sort();
     v
@@ -149,6 +152,9 @@ async fn chain_verifies_clean_across_size_and_day_rotations() {
             );
         }
     }
+    // `tail -F current.jsonl` follows the active file.
+    let link = std::fs::read_link(tmp.path().join(audit::CURRENT_LINK)).expect("current link");
+    assert_eq!(link, PathBuf::from(names.last().unwrap()));
     let report = verify(tmp.path()).expect("verify");
     assert_eq!(report.first_break, None, "{report}");
     assert_eq!(report.records, 40);

@@ -35,13 +35,30 @@
 //! `head.json` (`{"seq":N,"hash":"..","file":".."}`) is rewritten after every
 //! synced batch. It lets `verify` notice a tail cut at a line boundary.
 //!
+//! `current.jsonl` is a symlink to the active file (Unix), so
+//! `tail -n0 -F audit/current.jsonl | jq .` follows the log across rotations
+//! (plain `tail -f` on one file stops at its rotation). [`Follower`] does the same
+//! for the admin API.
+//!
+//! One writer per directory: two gates sharing an audit directory would fork the
+//! chain (nothing locks the directory).
+//!
 //! # What tamper evidence covers
+//!
+//! `verify` reports the first break in chain order and classifies it: a hash that
+//! does not match the bytes (edited), a `seq` gap (deleted), a `seq` going back or
+//! two records swapped (reordered; a swap across a file boundary shows as deleted),
+//! a correct `seq` whose `prev` names another hash (broken link: a record replaced
+//! together with its hash, or one inserted), a missing file number, a line that is
+//! not a record, a partial last line or a chain shorter than `head.json`
+//! (truncated).
 //!
 //! The chain is keyless, so it proves *consistency*, not authorship: editing,
 //! deleting, inserting or reordering a record anywhere before the end breaks a hash
 //! or a link, and `verify` reports the first such break. Removing whole files from
 //! the middle or the start shows as a missing file number. A partial last line shows
-//! as a truncation. Cutting the tail at a line boundary is only caught while
+//! as a truncation (on a live log, also a line caught while being written: run
+//! `verify` again). Cutting the tail at a line boundary is only caught while
 //! `head.json` still describes the longer chain; someone who can rewrite the files
 //! can also rewrite `head.json` (or regenerate the whole chain). To catch that, copy
 //! the last `seq` and `hash` that `verify` prints to somewhere the writer of the log
@@ -53,7 +70,15 @@
 //! writer thread (a thread, not a task, because `fdatasync` blocks). A full queue
 //! makes [`Audit::record`] wait: records are never dropped. The writer gathers what
 //! is queued into one batch, appends it with whole-line writes, `fdatasync`s once per
-//! batch and then answers any [`Audit::flush`] in the batch.
+//! batch and then answers any [`Audit::flush`] in the batch. `ts` is the time the
+//! writer encoded the record, so `ts` follows `seq` as long as the clock does.
+//!
+//! When a write or sync fails (disk full, directory gone) the writer keeps the
+//! batch and retries with backoff (50 ms doubling to 5 s), logging each failure; a
+//! `flush` in the failing batch gets [`AuditError::Write`], later records wait in
+//! the queue and then in `record()`: the gate slows down rather than loses records.
+//! Only after a shutdown was asked does it give up (after three more failures),
+//! logging what is lost.
 //!
 //! Days are UTC days. A record goes to a new file when its UTC day differs from the
 //! day of the active file (with `rotate_daily`) or when it would push the file past
@@ -413,6 +438,8 @@ struct LogFile {
 }
 
 const HEAD_FILE: &str = "head.json";
+/// A symlink to the active file, for `tail -F current.jsonl | jq`.
+pub const CURRENT_LINK: &str = "current.jsonl";
 
 fn file_name(day: chrono::NaiveDate, number: u64) -> String {
     format!("audit-{}-{number:06}.jsonl", day.format("%Y%m%d"))

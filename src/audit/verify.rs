@@ -60,6 +60,37 @@ pub struct VerifyReport {
     pub notices: Vec<String>,
 }
 
+impl fmt::Display for BreakKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BreakKind::Edited => "edited",
+            BreakKind::Deleted => "deleted",
+            BreakKind::Reordered => "reordered",
+            BreakKind::Truncated => "truncated",
+            BreakKind::MissingFile => "missing file",
+            BreakKind::LinkMismatch => "broken link",
+            BreakKind::Malformed => "malformed",
+            BreakKind::HeadMismatch => "head mismatch",
+        })
+    }
+}
+
+impl fmt::Display for Break {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} at {} line {}",
+            self.kind,
+            self.file.display(),
+            self.line
+        )?;
+        if let Some(seq) = self.seq {
+            write!(f, " (seq {seq})")?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.first_break {
@@ -70,13 +101,8 @@ impl fmt::Display for VerifyReport {
             )?,
             Some(b) => write!(
                 f,
-                "audit chain BROKEN after {} good records: {:?} at {} line {}{}: {}",
-                self.records,
-                b.kind,
-                b.file.display(),
-                b.line,
-                b.seq.map(|s| format!(" (seq {s})")).unwrap_or_default(),
-                b.detail
+                "audit chain BROKEN after {} good records: {b}",
+                self.records
             )?,
         }
         if let Some((seq, hash)) = &self.last {

@@ -2,14 +2,14 @@
 
 use super::{
     canonical_hash, file_name, list_files, parse_line, read_head, scrub, AuditError, Head, LogFile,
-    Msg, GENESIS, HEAD_FILE,
+    Msg, CURRENT_LINK, GENESIS, HEAD_FILE,
 };
 use crate::clock::SharedClock;
 use chrono::{NaiveDate, SecondsFormat};
 use serde_json::{Map, Value};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -134,6 +134,7 @@ impl Writer {
                     .metadata()
                     .map_err(|e| AuditError::io(&f.path, e))?
                     .len();
+                point_current(&w.s.dir, &f.name);
                 w.active = Some(Active {
                     file,
                     name: f.name.clone(),
@@ -354,12 +355,22 @@ impl Writer {
             .unwrap_or_else(|| self.clock.now().date_naive());
         let name = file_name(day, self.next_number);
         let path = self.s.dir.join(&name);
-        let file = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)?;
+        let file = match OpenOptions::new().append(true).create_new(true).open(&path) {
+            Ok(f) => f,
+            // Left empty by an attempt that failed after creating it: ours to use.
+            // A non-empty one belongs to someone else; never append to it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let f = OpenOptions::new().append(true).open(&path)?;
+                if f.metadata()?.len() != 0 {
+                    return Err(e);
+                }
+                f
+            }
+            Err(e) => return Err(e),
+        };
         // The new name must survive a crash, or the chain would lose a file.
         File::open(&self.s.dir)?.sync_all()?;
+        point_current(&self.s.dir, &name);
         self.next_number += 1;
         self.next_day = None;
         self.active = Some(Active {
@@ -409,6 +420,23 @@ impl Writer {
         self.head_written = Some(*seq);
         Ok(())
     }
+}
+
+/// Point `current.jsonl` at the active file, so that `tail -F current.jsonl`
+/// follows the log across rotations. A convenience only: failures are logged.
+fn point_current(dir: &Path, name: &str) {
+    #[cfg(unix)]
+    {
+        let tmp = dir.join(format!("{CURRENT_LINK}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let result = std::os::unix::fs::symlink(name, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(CURRENT_LINK)));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot point {CURRENT_LINK} at {name}");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (dir, name);
 }
 
 fn answer(
