@@ -474,6 +474,49 @@ async fn reopening_after_a_partial_line_starts_a_new_file_that_records_it() {
 }
 
 #[tokio::test]
+async fn reopening_after_a_torn_first_line_of_a_new_file_continues_from_the_file_before() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(start());
+    let (audit, writer) = open(&cfg(tmp.path()), &clock).await;
+    write_n(&audit, 0, 3).await;
+    writer.shutdown().await;
+    // A crash right after a rotation: the new file holds only a torn line.
+    let torn_name = "audit-20261123-000002.jsonl";
+    std::fs::write(tmp.path().join(torn_name), b"{\"ts\":\"2026").unwrap();
+
+    let (audit, writer) = open(&cfg(tmp.path()), &clock).await;
+    write_n(&audit, 3, 1).await;
+    writer.shutdown().await;
+    let f = files(tmp.path());
+    assert_eq!(f.len(), 3);
+    let ls = lines(&f[2]);
+    assert_eq!(field(&ls[0], "event"), json!("recovered_partial_line"));
+    assert_eq!(field(&ls[0], "file"), json!(torn_name));
+    assert_eq!(field(&ls[0], "seq"), json!(4));
+    assert_eq!(field(&ls[0], "prev"), field(&lines(&f[0])[2], "hash"));
+    let report = verify(tmp.path()).expect("verify");
+    assert_eq!(report.first_break, None, "{report}");
+    assert_eq!(report.records, 5);
+}
+
+#[tokio::test]
+async fn a_record_larger_than_max_file_bytes_gets_a_file_of_its_own() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(start());
+    let c = AuditConfig {
+        max_file_bytes: 100,
+        ..cfg(tmp.path())
+    };
+    let (audit, writer) = open(&c, &clock).await;
+    write_n(&audit, 0, 4).await;
+    writer.shutdown().await;
+    let f = files(tmp.path());
+    assert_eq!(f.len(), 4);
+    assert!(f.iter().all(|p| lines(p).len() == 1));
+    assert_eq!(verify(tmp.path()).unwrap().first_break, None);
+}
+
+#[tokio::test]
 async fn reopening_after_a_cut_tail_records_the_cut_in_the_chain() {
     let (tmp, path) = one_file_log(6).await;
     let mut ls = lines(&path);
@@ -644,6 +687,7 @@ async fn a_disabled_log_accepts_and_discards() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let d = Audit::disabled();
     assert!(!d.is_enabled());
+    assert!(!d.log_prompts());
     d.record(decision(1)).await.unwrap();
     d.flush().await.unwrap();
 
@@ -687,6 +731,7 @@ async fn prompts_are_dropped_unless_enabled_and_secrets_always() {
             ..cfg(tmp.path())
         };
         let (audit, writer) = open(&c, &ManualClock::new(start())).await;
+        assert_eq!(audit.log_prompts(), log_prompts);
         audit.record(rec()).await.unwrap();
         writer.shutdown().await;
         let raw = std::fs::read_to_string(&files(tmp.path())[0]).unwrap();

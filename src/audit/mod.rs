@@ -238,6 +238,7 @@ enum Msg {
 pub struct Audit {
     /// `None` for a handle that discards (audit disabled).
     tx: Option<mpsc::Sender<Msg>>,
+    log_prompts: bool,
 }
 
 /// Owns the writer thread's lifetime. [`AuditWriter::shutdown`] stops accepting
@@ -302,6 +303,7 @@ impl Audit {
         Ok((
             Audit {
                 tx: Some(tx.clone()),
+                log_prompts: cfg.log_prompts,
             },
             AuditWriter {
                 stop,
@@ -314,7 +316,16 @@ impl Audit {
     /// A handle that accepts and discards everything (audit disabled, and unit tests
     /// of other modules).
     pub fn disabled() -> Audit {
-        Audit { tx: None }
+        Audit {
+            tx: None,
+            log_prompts: false,
+        }
+    }
+
+    /// Whether prompt and image fields are kept (`audit.log_prompts`): the gate can
+    /// skip copying them into records when they would be dropped anyway.
+    pub fn log_prompts(&self) -> bool {
+        self.log_prompts
     }
 
     /// Whether records sent to this handle are written anywhere.
