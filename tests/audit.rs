@@ -280,6 +280,29 @@ async fn verify_reports_a_deleted_first_file() {
     assert_eq!((b.kind, b.file), (BreakKind::MissingFile, f[1].clone()));
 }
 
+#[tokio::test]
+async fn verify_reports_a_deleted_newest_file_from_the_head_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(start());
+    let c = AuditConfig {
+        max_file_bytes: 800,
+        ..cfg(tmp.path())
+    };
+    let (audit, writer) = open(&c, &clock).await;
+    write_n(&audit, 0, 20).await;
+    writer.shutdown().await;
+    let f = files(tmp.path());
+    let kept = lines(&f[f.len() - 2]);
+    std::fs::remove_file(&f[f.len() - 1]).unwrap();
+    let b = first_break(tmp.path());
+    assert_eq!(b.kind, BreakKind::Truncated);
+    assert_eq!(
+        (b.file.clone(), b.line),
+        (f[f.len() - 2].clone(), kept.len() as u64 + 1)
+    );
+    assert!(b.detail.contains("seq 20"), "{}", b.detail);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers_produce_a_gap_free_chain() {
     let tmp = tempfile::tempdir().expect("tempdir");
