@@ -37,7 +37,8 @@ impl ManualClock {
 
     /// Move the clock forward (or back, with a negative duration).
     pub fn advance(&self, by: chrono::Duration) {
-        self.millis.fetch_add(by.num_milliseconds(), Ordering::SeqCst);
+        self.millis
+            .fetch_add(by.num_milliseconds(), Ordering::SeqCst);
     }
 
     /// Set the clock to `at`.

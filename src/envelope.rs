@@ -52,7 +52,9 @@ pub fn error_body(code: Code, msg: &str) -> Vec<u8> {
         msg,
         data: None,
     })
-    .unwrap_or_else(|_| br#"{"code":1,"success":false,"msg":"internal error","data":null}"#.to_vec())
+    .unwrap_or_else(|_| {
+        br#"{"code":1,"success":false,"msg":"internal error","data":null}"#.to_vec()
+    })
 }
 
 /// A compact success envelope around `data`.

@@ -6,3 +6,4 @@ pub mod clock;
 pub mod envelope;
 pub mod keys;
 pub mod points;
+pub mod pricing;
