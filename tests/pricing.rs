@@ -336,6 +336,7 @@ fn each_limit_holds_on_both_sides() {
         r#"{"width":682,"hrScale":3}"#,
         r#"{"hrScale":3}"#,
         r#"{"hrScale":"3.0000001"}"#,
+        r#"{"width":1024,"hrScale":2.0000000001}"#,
         r#"{"hrScale":2,"hrSteps":50}"#,
         r#"{"hrScale":2,"hrSteps":1}"#,
         r#"{"upscale":3}"#,

@@ -5,6 +5,22 @@
 //! 763/10^9, 0.0000038 = 38/10^7, hrScale and upscale in millionths, 0.9 = 9/10),
 //! so each term is an exact integer in that unit, and the sum is rounded half-up
 //! once, at the end.
+//!
+//! Where the seed is silent, these rules were chosen (each has a test):
+//! - `hrScale` and `upscale` switch on above 1; 0, 1 or 0.5 mean off and cost
+//!   nothing (clients send 0 for "unset"). Negative values are refused.
+//! - hires fix is text-to-image only: with a non-empty string `img`, `hrScale` and
+//!   `hrSteps` are not read at all (no cost, no limit). `"img": ""` or `null` is
+//!   no image; an `img` that is not a string is refused.
+//! - `hrSteps` is read (1..=50, default 20) only when hires fix is on.
+//! - The side and area limits use the hires factor when hires fix is on and 1
+//!   otherwise, so width and height are always 1..=2048.
+//! - Fractional fields are rounded half-up to six decimals before anything else
+//!   (see `decimal.rs`): `2.0000000001` is 2, so 1024 × 2.0000000001 fits 2048.
+//! - Whole fields (`width`, `height`, `steps`, `hrSteps`, `batchSize`, `count`)
+//!   accept `512`, `"512"`, `512.0`, `5.12e2`; `512.5` is refused.
+//! - `predictConsume` true: validated like any draw, then free.
+//! - ControlNet costs per element of `controlnet.units`, without a cap.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
