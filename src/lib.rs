@@ -5,4 +5,5 @@
 pub mod clock;
 pub mod envelope;
 pub mod keys;
+pub mod ledger;
 pub mod points;
