@@ -45,6 +45,7 @@
 //! trusted to match the file, and reopening rebuilds it from the file.
 
 mod cli;
+mod idfilter;
 mod postgres;
 mod sqlite;
 
