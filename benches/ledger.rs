@@ -5,7 +5,7 @@
 //! Every pair is durable before the task moves on (the calls return only after
 //! the store committed). The PostgreSQL half runs when `GATE_TEST_POSTGRES_URL`
 //! is set. `LEDGER_BENCH_PAIRS` / `LEDGER_BENCH_PG_PAIRS` change the sizes,
-//! `LEDGER_BENCH_PG_POOL` the PostgreSQL pool (default 64).
+//! `LEDGER_BENCH_PG_POOL` the PostgreSQL pool (default 32).
 
 use chuzhan_gate::clock::{SharedClock, SystemClock};
 use chuzhan_gate::ledger::{BackendKind, Ledger, LedgerConfig, Period};
@@ -118,7 +118,7 @@ fn main() {
                     backend: BackendKind::Postgres,
                     url: Some(url.clone()),
                     schema: Some(schema.clone()),
-                    pool_size: env_usize("LEDGER_BENCH_PG_POOL", 64),
+                    pool_size: env_usize("LEDGER_BENCH_PG_POOL", 32),
                     ..LedgerConfig::default()
                 };
                 let ledger = Ledger::open(&cfg, clock).await.expect("open postgres");

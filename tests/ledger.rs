@@ -187,6 +187,7 @@ conformance!(
     admits_exactly_what_fits_with_equal_sizes_that_leave_a_remainder,
     resolves_reservations_left_pending_by_a_stopped_instance,
     ping_and_close_work,
+    replays_and_refunds_transfers_settled_long_ago,
 );
 
 // ---------------------------------------------------------------------------
@@ -829,6 +830,46 @@ async fn resolves_reservations_left_pending_by_a_stopped_instance(fx: &Fx) {
     assert_eq!((v.spent, v.reserved), (Points(30), Points(0)));
     let replay = l.commit(&tid("or1"), Points(1)).await.unwrap();
     assert!(replay.replay && replay.points == Points(25));
+    assert_clean(&l).await;
+}
+
+async fn replays_and_refunds_transfers_settled_long_ago(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let l = fx.open(Arc::new(clock.clone())).await;
+    let k = key("key_old");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(10), &tid("old1")).await.unwrap();
+    l.commit(&tid("old1"), Points(8)).await.unwrap();
+    l.reserve(&k, Points(10), &tid("old2")).await.unwrap();
+    l.void(&tid("old2")).await.unwrap();
+    // Hours later the housekeeping in expire_pending has forgotten them in memory
+    // (embedded ledger); the file still answers.
+    clock.advance(Duration::hours(3));
+    assert!(l.expire_pending().await.unwrap().is_empty());
+    let r = l.reserve(&k, Points(10), &tid("old1")).await.unwrap();
+    assert_eq!(r.points, Points(10));
+    assert_eq!(l.account(&k).await.unwrap().reserved, Points(0));
+    let c = l.commit(&tid("old1"), Points(50)).await.unwrap();
+    assert!(c.replay && c.points == Points(8), "{c:?}");
+    assert!(matches!(
+        l.commit(&tid("old2"), Points(1)).await,
+        Err(LedgerError::Conflict(_))
+    ));
+    let f = l.refund(&tid("old1")).await.unwrap();
+    assert!(!f.replay && f.points == Points(8), "{f:?}");
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(0));
+    // And after a restart.
+    drop(l);
+    let l = fx.open(Arc::new(clock.clone())).await;
+    let f = l.refund(&tid("old1")).await.unwrap();
+    assert!(f.replay && f.points == Points(8), "{f:?}");
+    let v = l.void(&tid("old2")).await.unwrap();
+    assert!(v.replay && v.points == Points(10), "{v:?}");
+    l.reserve(&k, Points(10), &tid("old2")).await.unwrap();
+    let a = l.account(&k).await.unwrap();
+    assert_eq!((a.spent, a.reserved), (Points(0), Points(0)));
     assert_clean(&l).await;
 }
 
