@@ -950,6 +950,39 @@ async fn postgres_unreachable_server_fails_to_open() {
     ));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_refuses_a_second_writer_on_the_same_file() {
+    let fx = Fx::sqlite();
+    let first = fx.open(system()).await;
+    first
+        .open_account(&key("key_lock"), Points(5), Period::None, "admin", "")
+        .await
+        .unwrap();
+    match Ledger::open(&fx.cfg(), system()).await {
+        Err(LedgerError::Storage(msg)) => assert!(msg.contains("in use"), "{msg}"),
+        other => panic!("a second writer was let in: {other:?}"),
+    }
+    // Read-only verification is fine alongside the writer.
+    assert_eq!(verify_cmd(&fx.cfg()).await, 0);
+    drop(first);
+    let again = fx.open(system()).await;
+    assert_eq!(
+        again.account(&key("key_lock")).await.unwrap().budget,
+        Points(5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_cmd_exits_2_when_the_ledger_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LedgerConfig {
+        path: Some(dir.path().join("absent.db")),
+        ..LedgerConfig::default()
+    };
+    assert_eq!(verify_cmd(&cfg).await, 2);
+    assert!(!dir.path().join("absent.db").exists());
+}
+
 // ---------------------------------------------------------------------------
 // SQLite crash test: a child process hammers the ledger and is SIGKILLed.
 

@@ -264,6 +264,8 @@ pub(super) struct SqliteLedger {
     /// `load_lock`, when it gets crowded.
     on_disk: std::sync::RwLock<IdFilter>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Held for the ledger's life; see `take_writer_lock`.
+    _writer_lock: Mutex<Connection>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     fail: Arc<FailStop>,
     readers: Arc<Readers>,
@@ -781,6 +783,7 @@ impl SqliteLedger {
                     std::fs::create_dir_all(dir).map_err(storage)?;
                 }
             }
+            let writer_lock = take_writer_lock(&path)?;
             let mut writer = open_conn(&path)?;
             migrate(&mut writer)?;
             // The writer checkpoints itself after answering a batch (see
@@ -797,11 +800,18 @@ impl SqliteLedger {
                 r.pragma_update(None, "query_only", "ON").map_err(storage)?;
                 readers.push(Mutex::new(r));
             }
-            Ok((writer, accounts, pending_full, readers, on_disk))
+            Ok((
+                writer,
+                accounts,
+                pending_full,
+                readers,
+                on_disk,
+                writer_lock,
+            ))
         })
         .await
         .map_err(storage)??;
-        let (writer_conn, accounts, pending, readers, on_disk) = open;
+        let (writer_conn, accounts, pending, readers, on_disk, writer_lock) = open;
 
         let chains = Arc::new(DashMap::new());
         let fail = Arc::new(FailStop::default());
@@ -823,6 +833,7 @@ impl SqliteLedger {
             load_lock: Mutex::new(()),
             on_disk: std::sync::RwLock::new(on_disk),
             queue: Mutex::new(Some(tx)),
+            _writer_lock: Mutex::new(writer_lock),
             writer: Mutex::new(Some(writer)),
             fail,
             readers: Arc::new(Readers {
@@ -1459,32 +1470,9 @@ impl SqliteLedger {
         // with the latest records.
         self.close().await?;
         let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || {
-            readers.read(|c| {
-                // One read transaction: the three tables from one snapshot.
-                c.execute_batch("BEGIN")?;
-                #[allow(clippy::type_complexity)]
-                let res: rusqlite::Result<(
-                    Vec<TransferRow>,
-                    Vec<AccountRow>,
-                    Vec<ChainRow>,
-                    Vec<String>,
-                )> = (|| {
-                    let t = load_transfers(c)?;
-                    let a = load_accounts(c)?;
-                    let ch = load_chains(c)?;
-                    let p = pending_mismatches(c)?;
-                    Ok((t, a, ch, p))
-                })();
-                let _ = c.execute_batch("COMMIT");
-                let (t, a, ch, p) = res?;
-                let mut report = replay_verify(&t, &a, &ch);
-                report.mismatches.extend(p);
-                Ok(report)
-            })
-        })
-        .await
-        .map_err(storage)?
+        tokio::task::spawn_blocking(move || readers.read(verify_conn))
+            .await
+            .map_err(storage)?
     }
 
     pub(super) async fn ping(&self) -> Result<(), LedgerError> {
@@ -1631,6 +1619,82 @@ impl SqliteLedger {
         })?;
         all.iter().map(|j| parse_key(j)).collect()
     }
+}
+
+/// Replays the file's transfers and compares them with its accounts and chains,
+/// from one read snapshot.
+fn verify_conn(c: &Connection) -> rusqlite::Result<VerifyReport> {
+    c.execute_batch("BEGIN")?;
+    #[allow(clippy::type_complexity)]
+    let res: rusqlite::Result<(
+        Vec<TransferRow>,
+        Vec<AccountRow>,
+        Vec<ChainRow>,
+        Vec<String>,
+    )> = (|| {
+        let t = load_transfers(c)?;
+        let a = load_accounts(c)?;
+        let ch = load_chains(c)?;
+        let p = pending_mismatches(c)?;
+        Ok((t, a, ch, p))
+    })();
+    let _ = c.execute_batch("COMMIT");
+    let (t, a, ch, p) = res?;
+    let mut report = replay_verify(&t, &a, &ch);
+    report.mismatches.extend(p);
+    Ok(report)
+}
+
+/// Verifies a ledger file without opening the ledger: read-only, no recovery,
+/// safe while another process serves from the file.
+pub(super) async fn verify_file(path: std::path::PathBuf) -> Result<VerifyReport, LedgerError> {
+    tokio::task::spawn_blocking(move || {
+        if !path.exists() {
+            return Err(LedgerError::Storage(format!(
+                "no ledger file at {}",
+                path.display()
+            )));
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(storage)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(storage)?;
+        verify_conn(&conn).map_err(storage)
+    })
+    .await
+    .map_err(storage)?
+}
+
+/// Takes the single-writer lock of a ledger file: an SQLite file beside it
+/// (`<ledger>-lock`) held in exclusive locking mode for as long as the returned
+/// connection lives. The OS drops the lock when the process dies, even by
+/// SIGKILL, so a restart is never locked out. A second writer (another process,
+/// or a second open in this one) gets a clear error instead of silently
+/// splitting the admission state.
+fn take_writer_lock(path: &std::path::Path) -> Result<Connection, LedgerError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push("-lock");
+    let conn = Connection::open(std::path::PathBuf::from(lock_path)).map_err(storage)?;
+    conn.busy_timeout(std::time::Duration::from_millis(0))
+        .map_err(storage)?;
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+        .map_err(storage)?;
+    conn.execute_batch(
+        "BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS holder (pid INTEGER); \
+         DELETE FROM holder; COMMIT;",
+    )
+    .map_err(|e| {
+        LedgerError::Storage(format!(
+            "the ledger file {} is in use by another process (or already open): {e}",
+            path.display()
+        ))
+    })?;
+    conn.execute("INSERT INTO holder (pid) VALUES (?1)", [std::process::id()])
+        .map_err(storage)?;
+    Ok(conn)
 }
 
 pub(super) fn parse_key(json: &str) -> Result<KeyRecord, LedgerError> {
