@@ -77,6 +77,9 @@ async fn slow_answer_beyond_the_upstream_timeout_is_an_unknown_outcome_charged_o
 async fn reset_before_answer_is_charged_by_default_and_never_retried() {
     let env = Env::new().await;
     let (id, secret) = env.key(json!({"name": "a", "budget": 100})).await;
+    // A first draw leaves a pooled upstream connection, so the faulty one goes
+    // out on a reused connection: the case where a client library may retry.
+    draw_ok(&env, &secret).await;
     env.sim.set_fault(Fault::ResetBeforeAnswer);
     let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
     assert_eq!(v["code"], 1, "{v}");
@@ -84,9 +87,9 @@ async fn reset_before_answer_is_charged_by_default_and_never_retried() {
     // The gate cannot tell "read then dropped" from "ran then dropped": unknown
     // outcome, charged by default — here the upstream did NOT run it, so this is
     // the documented over-charge of `unknown_outcome = "charge"`.
-    assert_eq!(acc["spent"], 12, "{acc}");
-    assert_eq!(env.sim.stats().points_charged, 0);
-    assert_eq!(env.sim.stats().requests, 1, "a billable submit was retried");
+    assert_eq!(acc["spent"], 24, "{acc}");
+    assert_eq!(env.sim.stats().points_charged, 12);
+    assert_eq!(env.sim.stats().requests, 2, "a billable submit was retried");
 }
 
 #[tokio::test]
@@ -331,26 +334,118 @@ fn ledger_verify(env: &[(String, String)]) -> (Option<i32>, String) {
     )
 }
 
-/// (count, points) of the key's commits, split into those made by the gate while
-/// serving and those made at restart for reservations the crash left pending.
-fn commits_by_origin(db: &Path, key: &str) -> ((u64, u64), (u64, u64)) {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+/// Where a child gate keeps its ledger.
+enum Store {
+    /// `<data dir>/ledger.db`, the default.
+    Sqlite,
+    /// A fresh schema in the PostgreSQL database at `url`.
+    Postgres { url: String, schema: String },
+}
+
+impl Store {
+    /// PostgreSQL from `GATE_TEST_POSTGRES_URL`; `None`, said loudly, when unset
+    /// (the README's test command and `.ci/run` always set it).
+    fn postgres() -> Option<Store> {
+        let Ok(url) = std::env::var("GATE_TEST_POSTGRES_URL") else {
+            eprintln!("GATE_TEST_POSTGRES_URL is not set: the PostgreSQL crash test was NOT run");
+            return None;
+        };
+        let schema = format!(
+            "robust_{}_{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        Some(Store::Postgres { url, schema })
+    }
+
+    /// Extra environment for a gate on this store (a config file for PostgreSQL,
+    /// written into `dir`).
+    fn env(&self, dir: &Path) -> Vec<(String, String)> {
+        match self {
+            Store::Sqlite => Vec::new(),
+            Store::Postgres { url, schema } => {
+                let path = dir.join("gate.toml");
+                let toml = format!(
+                    "[ledger]\nbackend = \"postgres\"\nurl = {url:?}\nschema = {schema:?}\n\
+                     instance = \"robust-crash\"\npool_size = 4\n"
+                );
+                std::fs::write(&path, toml).unwrap();
+                vec![("GATE_CONFIG".into(), path.display().to_string())]
+            }
+        }
+    }
+
+    async fn pg(url: &str) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
             .unwrap();
-    let q = |recovery: bool| -> (u64, u64) {
-        conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(points), 0) FROM transfers \
-             WHERE key = ?1 AND kind = 'commit' AND (actor = 'recovery') = ?2",
-            rusqlite::params![key, recovery],
-            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-        )
-        .unwrap()
-    };
-    (q(false), q(true))
+        tokio::spawn(conn);
+        client
+    }
+
+    /// (count, points) of the key's commits, split into those made by the gate
+    /// while serving and those made at restart for reservations the crash left
+    /// pending.
+    async fn commits_by_origin(&self, data: &Path, key: &str) -> ((u64, u64), (u64, u64)) {
+        const SQL: &str = "SELECT COUNT(*), COALESCE(SUM(points), 0)::BIGINT FROM transfers \
+                           WHERE key = $1 AND kind = 'commit' AND (actor = 'recovery') = $2";
+        match self {
+            Store::Sqlite => {
+                let conn = rusqlite::Connection::open_with_flags(
+                    data.join("ledger.db"),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
+                let sql = SQL.replace("::BIGINT", "").replace('$', "?");
+                let q = |recovery: bool| -> (u64, u64) {
+                    conn.query_row(&sql, rusqlite::params![key, recovery], |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                    })
+                    .unwrap()
+                };
+                (q(false), q(true))
+            }
+            Store::Postgres { url, schema } => {
+                let c = Store::pg(url).await;
+                c.batch_execute(&format!("SET search_path TO {schema}"))
+                    .await
+                    .unwrap();
+                let mut out = [(0, 0); 2];
+                for (i, recovery) in [false, true].into_iter().enumerate() {
+                    let row = c.query_one(SQL, &[&key, &recovery]).await.unwrap();
+                    out[i] = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+                }
+                (out[0], out[1])
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        if let Store::Postgres { url, schema } = self {
+            Store::pg(url)
+                .await
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .await
+                .unwrap();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_then_restart_verifies_and_charges_every_accepted_draw() {
+    crash_under_load(Store::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_on_the_postgres_ledger_charges_every_accepted_draw() {
+    if let Some(store) = Store::postgres() {
+        crash_under_load(store).await;
+    }
+}
+
+/// SIGKILL a gate under load, restart it on the same store, and compare what it
+/// charged with what the simulator says it accepted.
+async fn crash_under_load(store: Store) {
     let sim = start_sim(SimConfig {
         latency_ms: 30,
         task_ms: 50,
@@ -359,7 +454,8 @@ async fn sigkill_under_load_then_restart_verifies_and_charges_every_accepted_dra
     .await;
     let data = tempfile::tempdir().unwrap();
     let admin_token = "crash-admin-token-5b1e";
-    let env = gate_env(&sim, data.path(), admin_token);
+    let mut env = gate_env(&sim, data.path(), admin_token);
+    env.extend(store.env(data.path()));
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     let http = reqwest::Client::new();
     let (s, key, _) = admin_call(
@@ -435,13 +531,18 @@ async fn sigkill_under_load_then_restart_verifies_and_charges_every_accepted_dra
     let sim_charged = stats.points_charged;
     let spent = acc["spent"].as_u64().unwrap();
     let ((served_n, served_pts), (recovered_n, recovered_pts)) =
-        commits_by_origin(&data.path().join("ledger.db"), &id);
+        store.commits_by_origin(data.path(), &id).await;
+    store.cleanup().await;
     let told = told_ok.load(Ordering::Relaxed);
     eprintln!(
-        "crash: clients told ok {told}; upstream accepted {accepted} ({sim_charged} points); \
+        "crash ({}): clients told ok {told}; upstream accepted {accepted} ({sim_charged} points); \
          gate charged {spent} = {served_n} settled while serving ({served_pts}) + \
          {recovered_n} pending at the kill, charged at restart ({recovered_pts}); \
          over-charge {} draws",
+        match store {
+            Store::Sqlite => "sqlite",
+            Store::Postgres { .. } => "postgres",
+        },
         (served_n + recovered_n).saturating_sub(accepted)
     );
     assert_eq!(acc["reserved"], 0, "{acc}");
@@ -542,7 +643,7 @@ async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
     assert_eq!(gate.terminate().await, Some(0));
     let (code, out) = ledger_verify(&env);
     assert_eq!(code, Some(0), "{out}");
-    let (_, (recovered, _)) = commits_by_origin(&data.path().join("ledger.db"), &id);
+    let (_, (recovered, _)) = Store::Sqlite.commits_by_origin(data.path(), &id).await;
     assert_eq!(
         recovered, 0,
         "a drained request must not need crash recovery"
