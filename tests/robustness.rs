@@ -777,6 +777,43 @@ async fn a_client_stalling_in_the_request_head_is_disconnected_after_the_header_
 }
 
 #[tokio::test]
+async fn a_client_trickling_its_head_byte_by_byte_is_cut_off_at_the_header_timeout() {
+    let env = Env::with(SimConfig::default(), |c| {
+        c.limits.header_read_timeout_secs = 1
+    })
+    .await;
+    let (_, secret) = env.key(json!({"name": "a", "budget": 100})).await;
+    // A byte every 100 ms would take about 8 s for this head: the timeout is for
+    // the whole head, not reset by each byte.
+    let head = format!("POST {DRAW} HTTP/1.1\r\nHost: g\r\nAuth-Token: {secret}\r\n\r\n");
+    let started = Instant::now();
+    let mut s = TcpStream::connect(env.gate().addr).await.unwrap();
+    let mut cut = None;
+    for b in head.as_bytes() {
+        if s.write_all(&[*b]).await.is_err() {
+            cut = Some(started.elapsed());
+            break;
+        }
+        let mut probe = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut probe)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                cut = Some(started.elapsed());
+                break;
+            }
+            Ok(Ok(_)) => panic!("the gate answered a head it never fully got"),
+            Err(_) => {}
+        }
+    }
+    let cut = cut.expect("the trickling client was never cut off");
+    assert!(
+        cut >= Duration::from_millis(900) && cut < Duration::from_secs(3),
+        "cut off after {cut:?}"
+    );
+    assert_eq!(env.sim.stats().requests, 0);
+    draw_ok(&env, &secret).await;
+}
+
+#[tokio::test]
 async fn a_client_stalling_mid_body_is_answered_after_the_body_timeout_and_not_charged() {
     let env = Env::with(SimConfig::default(), |c| {
         c.limits.body_read_timeout_secs = 1
