@@ -25,7 +25,9 @@ struct Fleet {
 
 async fn fleet(sim_cfg: SimConfig) -> Option<Fleet> {
     let Ok(url) = std::env::var("GATE_TEST_POSTGRES_URL") else {
-        eprintln!("GATE_TEST_POSTGRES_URL is not set: the fleet (PostgreSQL) gate tests were NOT run");
+        eprintln!(
+            "GATE_TEST_POSTGRES_URL is not set: the fleet (PostgreSQL) gate tests were NOT run"
+        );
         return None;
     };
     let schema = format!("fleet_{}_{:08x}", std::process::id(), rand::random::<u32>());
@@ -108,7 +110,9 @@ impl Fleet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_keys_and_never_overspend_a_shared_budget() {
-    let Some(f) = fleet(SimConfig::default()).await else { return };
+    let Some(f) = fleet(SimConfig::default()).await else {
+        return;
+    };
     // 10 draws of 12 fit in 125.
     let (id, secret) = f.create_key(json!({"name": "shared", "budget": 125})).await;
     f.until_b_knows(&secret).await;
@@ -136,18 +140,29 @@ async fn replicas_share_keys_and_never_overspend_a_shared_budget() {
         codes.push(r.unwrap());
     }
     assert_eq!(codes.iter().filter(|c| **c == 0).count(), 10, "{codes:?}");
-    assert_eq!(codes.iter().filter(|c| **c == 1002).count(), 20, "{codes:?}");
-    let acc = f
-        .a
-        .gate
-        .ledger
-        .account(&chuzhan_gate::points::KeyId(id))
-        .await
-        .unwrap();
+    assert_eq!(
+        codes.iter().filter(|c| **c == 1002).count(),
+        20,
+        "{codes:?}"
+    );
+    let acc =
+        f.a.gate
+            .ledger
+            .account(&chuzhan_gate::points::KeyId(id))
+            .await
+            .unwrap();
     assert_eq!(acc.spent.get(), 120);
     assert_eq!(acc.reserved.get(), 0);
     assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 10);
-    assert!(f.b.gate.ledger.verify().await.unwrap().mismatches.is_empty());
+    assert!(f
+        .b
+        .gate
+        .ledger
+        .verify()
+        .await
+        .unwrap()
+        .mismatches
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,13 +195,12 @@ async fn a_failed_task_seen_by_both_replicas_is_refunded_once() {
     for v in futures_util::future::join_all(polls).await {
         assert_eq!(v["data"]["state"], "fail", "{v}");
     }
-    let acc = f
-        .b
-        .gate
-        .ledger
-        .account(&chuzhan_gate::points::KeyId(id))
-        .await
-        .unwrap();
+    let acc =
+        f.b.gate
+            .ledger
+            .account(&chuzhan_gate::points::KeyId(id))
+            .await
+            .unwrap();
     assert_eq!(acc.spent.get(), 0);
     // Exactly one replica wrote the refund record.
     let mut refunds = 0;
@@ -201,5 +215,13 @@ async fn a_failed_task_seen_by_both_replicas_is_refunded_once() {
             .len();
     }
     assert_eq!(refunds, 1);
-    assert!(f.a.gate.ledger.verify().await.unwrap().mismatches.is_empty());
+    assert!(f
+        .a
+        .gate
+        .ledger
+        .verify()
+        .await
+        .unwrap()
+        .mismatches
+        .is_empty());
 }

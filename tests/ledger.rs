@@ -1163,3 +1163,45 @@ async fn sqlite_survives_sigkill_under_load() {
         voided.len()
     );
 }
+
+/// A submit with an Idempotency-Key in flight when the gate stopped must not block
+/// the client's retries: after restart the retry gets a definite answer, and no
+/// second charge is possible.
+#[tokio::test]
+async fn an_idempotency_key_left_in_flight_by_a_stop_answers_definitely_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LedgerConfig {
+        backend: BackendKind::Sqlite,
+        path: Some(dir.path().join("ledger.db")),
+        ..LedgerConfig::default()
+    };
+    let clock: SharedClock = Arc::new(SystemClock);
+    let key = KeyId("key_idem_crash".into());
+    let hash = [7u8; 32];
+    {
+        let l = Ledger::open(&cfg, clock.clone()).await.unwrap();
+        l.open_account(&key, Points(100), Period::None, "t", "t")
+            .await
+            .unwrap();
+        assert!(matches!(
+            l.idem_begin(&key, "order-1", &hash).await.unwrap(),
+            IdemBegin::New
+        ));
+        l.reserve(&key, Points(12), &TransferId("req-1".into()))
+            .await
+            .unwrap();
+        // Stopped here: neither settled nor finished.
+    }
+    let l = Ledger::open(&cfg, clock).await.unwrap();
+    match l.idem_begin(&key, "order-1", &hash).await.unwrap() {
+        IdemBegin::Replay(a) => {
+            let text = String::from_utf8(a.body).unwrap();
+            assert!(text.contains("interrupted"), "{text}");
+        }
+        _ => panic!("a retry after restart must get a definite answer"),
+    }
+    // The reservation was settled by the default policy (charge), once.
+    let acc = l.account(&key).await.unwrap();
+    assert_eq!((acc.spent.get(), acc.reserved.get()), (12, 0));
+    assert!(l.verify().await.unwrap().is_clean());
+}

@@ -897,6 +897,23 @@ impl SqliteLedger {
         for (id, reserved) in orphans {
             ledger.resolve(&id, reserved, "recovery", &note).await?;
         }
+        // Idempotency records left in flight by the previous run would answer
+        // "still in progress" to every retry until they expire. Their requests
+        // were settled just above, so a retry gets a definite answer instead —
+        // never a second upstream call (which could charge twice).
+        let interrupted = crate::envelope::error_body(
+            crate::envelope::Code::Internal,
+            "the first request with this Idempotency-Key was interrupted by a gate restart; \
+             its outcome is unknown and its reservation was settled by the pending policy",
+        );
+        ledger
+            .custom(move |c| {
+                c.prepare_cached(
+                    "UPDATE idem SET state = 'done', status = 200, body = ?1 WHERE state = 'inflight'",
+                )?
+                .execute(params![interrupted])
+            })
+            .await?;
         Ok(ledger)
     }
 
