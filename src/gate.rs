@@ -30,7 +30,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -929,12 +929,25 @@ fn rewrite_submit(body: &[u8], charged: Points, remaining: Points) -> Vec<u8> {
 /// operator's upstream balance is never shown.
 async fn client_detail(gate: &Gate, key: &KeyRecord) -> Result<Outcome, Reject> {
     let acc = gate.ledger.account(&key.id).await.map_err(ledger_reject)?;
-    let data = json!({
-        "companyName": key.name,
-        "balance": acc.remaining.get(),
-        "used": acc.spent.get(),
-        "taskLimitCount": key.concurrency.unwrap_or(0),
-    });
+    /// The upstream's own field order.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Detail<'a> {
+        company_name: &'a str,
+        balance: u64,
+        used: u64,
+        task_limit_count: u32,
+    }
+    let data = Detail {
+        company_name: &key.name,
+        balance: acc.remaining.get(),
+        used: acc.spent.get(),
+        // The key's own limit; else the operator-wide cap; 0 when neither is set.
+        task_limit_count: key
+            .concurrency
+            .or(gate.cfg.tasks.global_concurrency)
+            .unwrap_or(0),
+    };
     Ok(Outcome::Made {
         status: 200,
         body: envelope::ok_body(&data),
