@@ -10,8 +10,8 @@
 //!
 //! Money safety rests on three rules kept here:
 //! - a billable request is forwarded only after its reservation is durable;
-//! - once reserved, forward + settle run in a spawned task, so a client that hangs up
-//!   cannot leave a reservation unsettled;
+//! - every request runs in a task of its own, so a client that hangs up cannot leave
+//!   a reservation unsettled (hyper drops only the future that waits for it);
 //! - a settlement is durable before the client gets its answer.
 
 use crate::audit::Audit;
@@ -145,7 +145,27 @@ enum Route {
 }
 
 /// Serve one client request. Never fails: every error becomes an envelope.
+///
+/// The request's life runs in a task of its own. When a client hangs up, hyper
+/// drops this future; the spawned task is not cancelled with it, so a request that
+/// got as far as a reservation always reaches its settlement (and its audit
+/// record) instead of leaving points held until expiry.
 pub async fn handle(gate: Gate, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match tokio::spawn(serve(gate, req)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            let mut resp = Response::new(Full::new(Bytes::from(envelope::error_body(
+                Code::Internal,
+                "internal error",
+            ))));
+            *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            resp
+        }
+    }
+}
+
+async fn serve(gate: Gate, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let mut t = Trace {
         id: new_request_id(),
         started: Instant::now(),

@@ -451,3 +451,120 @@ async fn shutdown_drains_in_flight_requests_and_loses_nothing() {
         .is_empty());
     again.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_hanging_up_while_its_request_waits_leaves_nothing_pending() {
+    let env = Env::with(Default::default(), |c| c.audit.queue = 1).await;
+    let g = &env.gate().gate;
+    // A key made straight in the store, so the audit log has no file yet.
+    let secret = "czg_hangup_test_secret_0123456789abcdef";
+    let now = chrono::Utc::now();
+    let rec = chuzhan_gate::keys::KeyRecord {
+        id: chuzhan_gate::points::KeyId("key_hangup".into()),
+        name: "h".into(),
+        secret_hash: chuzhan_gate::keys::hash_secret(secret),
+        secret_prefix: "czg_hang".into(),
+        rate_milli: 1000,
+        concurrency: None,
+        rps: None,
+        burst: None,
+        disabled: false,
+        expires_at: None,
+        note: String::new(),
+        created_at: now,
+        updated_at: now,
+    };
+    g.ledger
+        .open_account(
+            &rec.id,
+            chuzhan_gate::points::Points(1000),
+            chuzhan_gate::ledger::Period::None,
+            "t",
+            "t",
+        )
+        .await
+        .unwrap();
+    g.ledger.put_key(&rec).await.unwrap();
+    g.keys.put(rec.clone());
+    // The audit log cannot be written: its records queue up and requests wait.
+    let dir = g.cfg.audit_dir();
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, b"in the way").unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let sends = (0..4).map(|i| {
+        impatient
+            .post(env.url("/aiapi/v1/draw"))
+            .header("Auth-Token", secret)
+            .body(draw_body(&format!("boy {i}")))
+            .send()
+    });
+    let results = futures_util::future::join_all(sends).await;
+    assert!(
+        results.iter().any(|r| r.is_err()),
+        "some clients gave up waiting"
+    );
+    // The disk comes back; the abandoned requests finish by themselves.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let mut pending = u64::MAX;
+    for _ in 0..100 {
+        pending = g.ledger.pending_count().await.unwrap();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        pending, 0,
+        "no reservation left held by a client that hung up"
+    );
+    let accepted: u64 = env.sim.stats().submits.values().sum();
+    let acc = g.ledger.account(&rec.id).await.unwrap();
+    assert_eq!(acc.spent.get(), 12 * accepted);
+    assert!(g.ledger.verify().await.unwrap().mismatches.is_empty());
+}
+
+#[tokio::test]
+async fn clients_hanging_up_at_any_moment_leave_no_reservation_pending() {
+    let env = Env::new().await;
+    let (id, secret) = env.key(json!({"name": "a", "budget": 100_000})).await;
+    // Clients that give up after a few hundred microseconds: they hang up during
+    // authentication, reservation, forwarding or settlement, at random.
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_micros(700))
+        .build()
+        .unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let c = impatient.clone();
+        let url = env.url("/aiapi/v1/draw");
+        let secret = secret.clone();
+        set.spawn(async move {
+            let _ = c
+                .post(url)
+                .header("Auth-Token", secret)
+                .body(draw_body(&format!("boy {i}")))
+                .send()
+                .await;
+        });
+    }
+    while set.join_next().await.is_some() {}
+    // Every request that got a reservation settles by itself.
+    let ledger = &env.gate().gate.ledger;
+    let mut pending = u64::MAX;
+    for _ in 0..50 {
+        pending = ledger.pending_count().await.unwrap();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(pending, 0);
+    assert!(ledger.verify().await.unwrap().mismatches.is_empty());
+    // Charged exactly what the upstream accepted.
+    let accepted: u64 = env.sim.stats().submits.values().sum();
+    assert_eq!(env.account(&id).await["spent"], 12 * accepted);
+}
