@@ -1,0 +1,446 @@
+//! `audit verify`: walk the chain and report the first broken link.
+
+use super::{list_files, parse_line, read_head, AuditError, Head, LogFile, Parsed, GENESIS};
+use serde_json::Value;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// What kind of damage a [`Break`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakKind {
+    /// The line's `hash` does not match its bytes: the record was changed.
+    Edited,
+    /// `seq` jumps forward: records are missing.
+    Deleted,
+    /// `seq` goes backwards or two records swapped places.
+    Reordered,
+    /// The chain ends early: a partial last line, or `head.json` names a later record.
+    Truncated,
+    /// A file number is missing from the sequence of files.
+    MissingFile,
+    /// `seq` is right but `prev` is not the previous record's hash: the previous
+    /// record was replaced by one with a recomputed hash, or a record was inserted.
+    LinkMismatch,
+    /// The line is not an audit record at all (not JSON, or no chain fields).
+    Malformed,
+    /// `head.json` names the right `seq` with a different hash.
+    HeadMismatch,
+}
+
+/// The first place where the chain does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Break {
+    /// The file where it was found.
+    pub file: PathBuf,
+    /// 1-based line in that file (for a missing file: the first line of the file
+    /// after the gap; for a cut tail: one past the last line).
+    pub line: u64,
+    /// The `seq` on that line, when it could be read; else the `seq` expected there.
+    pub seq: Option<u64>,
+    /// What kind of damage.
+    pub kind: BreakKind,
+    /// A sentence for people.
+    pub detail: String,
+}
+
+/// The result of [`verify`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Log files read.
+    pub files: usize,
+    /// Records read (up to the first break, all of them when clean).
+    pub records: u64,
+    /// The first broken link, `None` when the chain holds.
+    pub first_break: Option<Break>,
+    /// `seq` and `hash` of the last record read: copy them somewhere safe to detect
+    /// a later rewrite of the whole log.
+    pub last: Option<(u64, String)>,
+    /// Things worth knowing that are not breaks: crash recoveries recorded in the
+    /// chain, an unreadable head file.
+    pub notices: Vec<String>,
+}
+
+impl fmt::Display for BreakKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BreakKind::Edited => "edited",
+            BreakKind::Deleted => "deleted",
+            BreakKind::Reordered => "reordered",
+            BreakKind::Truncated => "truncated",
+            BreakKind::MissingFile => "missing file",
+            BreakKind::LinkMismatch => "broken link",
+            BreakKind::Malformed => "malformed",
+            BreakKind::HeadMismatch => "head mismatch",
+        })
+    }
+}
+
+impl fmt::Display for Break {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} at {} line {}",
+            self.kind,
+            self.file.display(),
+            self.line
+        )?;
+        if let Some(seq) = self.seq {
+            write!(f, " (seq {seq})")?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
+impl fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.first_break {
+            None => write!(
+                f,
+                "audit chain OK: {} files, {} records",
+                self.files, self.records
+            )?,
+            Some(b) => write!(
+                f,
+                "audit chain BROKEN after {} good records: {b}",
+                self.records
+            )?,
+        }
+        if let Some((seq, hash)) = &self.last {
+            write!(f, "\nlast good record: seq {seq} hash {hash}")?;
+        }
+        for n in &self.notices {
+            write!(f, "\nnote: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Check the chain in `path`: an audit directory (every file, file numbers from 1,
+/// the first record linking to 64 zeros, and `head.json`), or a single file (its
+/// records among themselves). Files are read whole, one at a time.
+pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
+    let meta = std::fs::metadata(path).map_err(|e| AuditError::io(path, e))?;
+    let mut v = Verifier::default();
+    if meta.is_dir() {
+        let files = list_files(path)?;
+        v.whole_log = true;
+        v.expected_seq = Some(1);
+        v.prev = Some(GENESIS.to_string());
+        // Read once: a live writer moves it while we walk.
+        let head = read_head(path);
+        if let Some(Ok(h)) = &head {
+            v.head_seq = Some(h.seq);
+        }
+        for (i, f) in files.iter().enumerate() {
+            let expected_number = i as u64 + 1;
+            if f.number != expected_number {
+                let missing = f.number > expected_number;
+                v.set_break(Break {
+                    file: f.path.clone(),
+                    line: 1,
+                    seq: v.expected_seq,
+                    kind: if missing {
+                        BreakKind::MissingFile
+                    } else {
+                        BreakKind::Reordered
+                    },
+                    detail: if missing {
+                        format!(
+                            "file number {expected_number:06} is missing before {}",
+                            f.name
+                        )
+                    } else {
+                        format!("two files carry number {:06}", f.number)
+                    },
+                });
+                break;
+            }
+            v.file(f)?;
+            if v.report.first_break.is_some() {
+                break;
+            }
+        }
+        v.finish();
+        if v.report.first_break.is_none() {
+            v.check_head(path, head, files.last());
+        }
+    } else {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let f = LogFile {
+            path: path.to_path_buf(),
+            name,
+            day: chrono::NaiveDate::default(),
+            number: 0,
+        };
+        v.file(&f)?;
+        v.finish();
+    }
+    Ok(v.report)
+}
+
+/// `chuzhan-gate audit verify [PATH]`: print the report; 0 clean, 1 broken, 2 error.
+pub fn verify_cmd(path: &Path) -> i32 {
+    match verify(path) {
+        Ok(report) => {
+            println!("{report}");
+            if report.first_break.is_none() {
+                0
+            } else {
+                1
+            }
+        }
+        Err(e) => {
+            eprintln!("audit verify: {e}");
+            2
+        }
+    }
+}
+
+#[derive(Default)]
+struct Verifier {
+    report: VerifyReport,
+    whole_log: bool,
+    expected_seq: Option<u64>,
+    prev: Option<String>,
+    /// A partial line at the end of the previous file: (file, line, bytes).
+    partial: Option<(PathBuf, u64, u64, String)>,
+    /// Where the last record sat, for a break "after the end".
+    last_pos: Option<(PathBuf, u64)>,
+    /// Hashes are not kept; only that of the record `head.json` names.
+    head_seq: Option<u64>,
+    head_hash_seen: Option<String>,
+}
+
+impl Verifier {
+    fn set_break(&mut self, b: Break) {
+        if self.report.first_break.is_none() {
+            self.report.first_break = Some(b);
+        }
+    }
+
+    fn file(&mut self, f: &LogFile) -> Result<(), AuditError> {
+        self.report.files += 1;
+        let bytes = std::fs::read(&f.path).map_err(|e| AuditError::io(&f.path, e))?;
+        let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+        let parsed: Vec<Option<Result<Parsed, String>>> = lines
+            .iter()
+            .map(|l| l.strip_suffix(b"\n").map(parse_line))
+            .collect();
+        for (i, p) in parsed.iter().enumerate() {
+            let line_no = i as u64 + 1;
+            let Some(p) = p else {
+                // No newline: only the last bytes of a file can be like this.
+                self.partial = Some((
+                    f.path.clone(),
+                    line_no,
+                    lines[i].len() as u64,
+                    f.name.clone(),
+                ));
+                break;
+            };
+            let next_seq = parsed
+                .get(i + 1)
+                .and_then(|n| n.as_ref())
+                .and_then(|n| n.as_ref().ok())
+                .map(|n| n.seq);
+            self.record(f, line_no, p, next_seq);
+            if self.report.first_break.is_some() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn record(
+        &mut self,
+        f: &LogFile,
+        line: u64,
+        p: &Result<Parsed, String>,
+        next_seq: Option<u64>,
+    ) {
+        let brk = |seq, kind, detail: String| Break {
+            file: f.path.clone(),
+            line,
+            seq,
+            kind,
+            detail,
+        };
+        let p = match p {
+            Ok(p) => p,
+            Err(detail) => {
+                self.set_break(brk(self.expected_seq, BreakKind::Malformed, detail.clone()));
+                return;
+            }
+        };
+        if let Some((pfile, pline, bytes, pname)) = self.partial.take() {
+            let explained = p.value.get("event").and_then(Value::as_str)
+                == Some("recovered_partial_line")
+                && p.value.get("file").and_then(Value::as_str) == Some(pname.as_str())
+                && p.value.get("bytes").and_then(Value::as_u64) == Some(bytes);
+            if !explained {
+                self.set_break(Break {
+                    file: pfile,
+                    line: pline,
+                    seq: self.expected_seq,
+                    kind: BreakKind::Truncated,
+                    detail: format!(
+                        "the last line of the file is incomplete ({bytes} bytes) and the next record does not record a crash recovery"
+                    ),
+                });
+                return;
+            }
+        }
+        if !p.hash_ok {
+            self.set_break(brk(
+                Some(p.seq),
+                BreakKind::Edited,
+                "the record's hash does not match its content".into(),
+            ));
+            return;
+        }
+        match self.expected_seq {
+            Some(expected) if p.seq > expected => {
+                let (kind, detail) = if next_seq == Some(expected) {
+                    (
+                        BreakKind::Reordered,
+                        format!("seq {} comes before seq {expected}", p.seq),
+                    )
+                } else if expected == 1 && self.whole_log {
+                    (
+                        BreakKind::Deleted,
+                        format!(
+                            "the log starts at seq {}: earlier records were removed",
+                            p.seq
+                        ),
+                    )
+                } else {
+                    (
+                        BreakKind::Deleted,
+                        format!(
+                            "seq jumps from {} to {}: {} record(s) missing",
+                            expected - 1,
+                            p.seq,
+                            p.seq - expected
+                        ),
+                    )
+                };
+                self.set_break(brk(Some(p.seq), kind, detail));
+                return;
+            }
+            Some(expected) if p.seq < expected => {
+                self.set_break(brk(
+                    Some(p.seq),
+                    BreakKind::Reordered,
+                    format!("seq goes back from {} to {}", expected - 1, p.seq),
+                ));
+                return;
+            }
+            _ => {}
+        }
+        let expected_prev = match (&self.prev, p.seq) {
+            (Some(prev), _) => Some(prev.as_str()),
+            (None, 1) => Some(GENESIS),
+            (None, _) => None,
+        };
+        if let Some(prev) = expected_prev {
+            if p.prev != prev {
+                self.set_break(brk(
+                    Some(p.seq),
+                    BreakKind::LinkMismatch,
+                    "prev is not the hash of the previous record: that record was replaced (with a recomputed hash) or this one was inserted".into(),
+                ));
+                return;
+            }
+        }
+        match p.value.get("event").and_then(Value::as_str) {
+            Some("recovered_partial_line") => self.report.notices.push(format!(
+                "seq {}: the writer restarted after a crash that left a partial line in {}",
+                p.seq,
+                p.value.get("file").and_then(Value::as_str).unwrap_or("?")
+            )),
+            Some("head_mismatch") => self.report.notices.push(format!(
+                "seq {}: at restart head.json named seq {} but the files ended at seq {}: records after that were lost or removed while the gate was down",
+                p.seq,
+                p.value.get("head_seq").and_then(Value::as_u64).unwrap_or(0),
+                p.value.get("found_seq").and_then(Value::as_u64).unwrap_or(0),
+            )),
+            _ => {}
+        }
+        if self.head_seq == Some(p.seq) {
+            self.head_hash_seen = Some(p.hash.clone());
+        }
+        self.expected_seq = Some(p.seq + 1);
+        self.prev = Some(p.hash.clone());
+        self.report.records += 1;
+        self.report.last = Some((p.seq, p.hash.clone()));
+        self.last_pos = Some((f.path.clone(), line));
+    }
+
+    fn finish(&mut self) {
+        if let Some((file, line, bytes, _)) = self.partial.take() {
+            self.set_break(Break {
+                file,
+                line,
+                seq: self.expected_seq,
+                kind: BreakKind::Truncated,
+                detail: format!(
+                    "the last line is incomplete ({bytes} bytes): cut, or a crash mid-write (the writer records the recovery when it restarts); on a live log, a line being written"
+                ),
+            });
+        }
+    }
+
+    fn check_head(
+        &mut self,
+        dir: &Path,
+        head: Option<Result<Head, String>>,
+        last_file: Option<&LogFile>,
+    ) {
+        let head = match head {
+            None => return,
+            Some(Err(e)) => {
+                self.report.notices.push(format!("head.json ignored: {e}"));
+                return;
+            }
+            Some(Ok(h)) => h,
+        };
+        let end = self.report.last.as_ref().map_or(0, |(s, _)| *s);
+        let (file, line) = match (&self.last_pos, last_file) {
+            (Some((f, l)), _) => (f.clone(), l + 1),
+            (None, Some(f)) => (f.path.clone(), 1),
+            (None, None) => (dir.to_path_buf(), 0),
+        };
+        if head.seq > end {
+            self.set_break(Break {
+                file,
+                line,
+                seq: Some(end + 1),
+                kind: BreakKind::Truncated,
+                detail: format!(
+                    "head.json says the log reached seq {} (in {}), but the chain ends at seq {end}",
+                    head.seq, head.file
+                ),
+            });
+            return;
+        }
+        // The head may lag the log (it moves after each sync); where it points, it
+        // must agree. The walk noted the hash of the record it names.
+        if self.head_hash_seen.as_deref() != Some(head.hash.as_str()) {
+            self.set_break(Break {
+                file,
+                line,
+                seq: Some(head.seq),
+                kind: BreakKind::HeadMismatch,
+                detail: format!(
+                    "head.json gives seq {} the hash {}, the chain has {}",
+                    head.seq,
+                    head.hash,
+                    self.head_hash_seen.as_deref().unwrap_or("nothing")
+                ),
+            });
+        }
+    }
+}

@@ -1,0 +1,478 @@
+//! The writer thread: recovery on open, batching, rotation, syncing, the head file.
+
+use super::{
+    canonical_hash, file_name, list_files, parse_line, read_head, scrub, AuditError, Head, LogFile,
+    Msg, CURRENT_LINK, GENESIS, HEAD_FILE,
+};
+use crate::clock::SharedClock;
+use chrono::{NaiveDate, SecondsFormat};
+use serde_json::{Map, Value};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// Messages taken from the queue per batch, at most; bounds flush latency.
+const MAX_BATCH: usize = 4096;
+/// Encoded bytes held before writing them out mid-batch (whole lines only).
+const MAX_PENDING: usize = 1024 * 1024;
+/// Attempts at a failing write once a shutdown has been asked for.
+const RETRIES_WHEN_STOPPING: u32 = 3;
+
+/// What the writer needs from the config.
+pub(super) struct Settings {
+    pub dir: PathBuf,
+    pub max_file_bytes: u64,
+    pub rotate_daily: bool,
+    pub log_prompts: bool,
+}
+
+/// The file being appended to.
+struct Active {
+    file: File,
+    name: String,
+    day: NaiveDate,
+    /// Bytes in the file, written or not yet synced.
+    len: u64,
+}
+
+/// The single owner of the log's files.
+pub(super) struct Writer {
+    s: Settings,
+    clock: SharedClock,
+    next_seq: u64,
+    prev: String,
+    /// `None` between a rotation and the first write to the new file.
+    active: Option<Active>,
+    /// Day of the file that `pending` goes to when `active` is `None`.
+    next_day: Option<NaiveDate>,
+    next_number: u64,
+    /// Encoded whole lines not yet written to the file.
+    pending: Vec<u8>,
+    /// How much of `pending` a failed write already put in the file.
+    pending_written: usize,
+    /// Bytes written since the last fdatasync.
+    unsynced: bool,
+    /// Last record in `pending` or the file, for the head file.
+    last: Option<(u64, String)>,
+    head_written: Option<u64>,
+    /// Whether the I/O path gave up (only after a stop was asked).
+    gave_up: bool,
+}
+
+/// The newest complete record found on disk.
+struct Tail {
+    seq: u64,
+    hash: String,
+}
+
+impl Writer {
+    /// Find where the chain ends, repair a partial line by starting a new file, and
+    /// note a head that promises more than the files hold.
+    pub(super) fn recover(s: Settings, clock: SharedClock) -> Result<Writer, AuditError> {
+        std::fs::create_dir_all(&s.dir).map_err(|e| AuditError::io(&s.dir, e))?;
+        let files = list_files(&s.dir)?;
+        let mut w = Writer {
+            clock,
+            next_seq: 1,
+            prev: GENESIS.to_string(),
+            active: None,
+            next_day: None,
+            next_number: files.last().map_or(1, |f| f.number + 1),
+            pending: Vec::new(),
+            pending_written: 0,
+            unsynced: false,
+            last: None,
+            head_written: None,
+            gave_up: false,
+            s,
+        };
+        let mut partial: Option<(String, u64)> = None;
+        let mut tail: Option<Tail> = None;
+        for (i, f) in files.iter().enumerate().rev() {
+            let bytes = std::fs::read(&f.path).map_err(|e| AuditError::io(&f.path, e))?;
+            let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1);
+            if i + 1 == files.len() && complete < bytes.len() {
+                partial = Some((f.name.clone(), (bytes.len() - complete) as u64));
+            }
+            if let Some(t) = last_record(f, &bytes[..complete])? {
+                tail = Some(t);
+                break;
+            }
+        }
+        if let Some(t) = &tail {
+            w.next_seq = t.seq + 1;
+            w.prev = t.hash.clone();
+            w.last = Some((t.seq, t.hash.clone()));
+        }
+        let mut events = Vec::new();
+        if let Some(Ok(head)) = read_head(&w.s.dir) {
+            let (found_seq, found_hash) = tail
+                .as_ref()
+                .map_or((0, GENESIS), |t| (t.seq, t.hash.as_str()));
+            if head.seq > found_seq || (head.seq == found_seq && head.hash != found_hash) {
+                let mut ev = Map::new();
+                ev.insert("event".into(), "head_mismatch".into());
+                ev.insert("head_seq".into(), head.seq.into());
+                ev.insert("head_hash".into(), head.hash.into());
+                ev.insert("head_file".into(), head.file.into());
+                ev.insert("found_seq".into(), found_seq.into());
+                ev.insert("found_hash".into(), found_hash.into());
+                events.push(ev);
+            }
+        }
+        match (&partial, files.last()) {
+            (None, Some(f)) => {
+                // Continue in the newest file; it is complete.
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(&f.path)
+                    .map_err(|e| AuditError::io(&f.path, e))?;
+                let len = file
+                    .metadata()
+                    .map_err(|e| AuditError::io(&f.path, e))?
+                    .len();
+                point_current(&w.s.dir, &f.name);
+                w.active = Some(Active {
+                    file,
+                    name: f.name.clone(),
+                    day: f.day,
+                    len,
+                });
+            }
+            (Some((name, bytes)), _) => {
+                // Leave the torn bytes as they are (they are evidence of the crash)
+                // and continue in a fresh file whose first record explains them.
+                tracing::warn!(file = %name, bytes, "audit log ends in a partial line; continuing in a new file");
+                let mut ev = Map::new();
+                ev.insert("event".into(), "recovered_partial_line".into());
+                ev.insert("file".into(), name.clone().into());
+                ev.insert("bytes".into(), (*bytes).into());
+                events.insert(0, ev);
+                w.next_day = Some(w.clock.now().date_naive());
+            }
+            (None, None) => {}
+        }
+        if !events.is_empty() {
+            for mut ev in events {
+                w.encode(&mut ev).map_err(|e| AuditError::io(&w.s.dir, e))?;
+            }
+            w.commit().map_err(|e| AuditError::io(&w.s.dir, e))?;
+        }
+        Ok(w)
+    }
+
+    /// The thread body: take batches from the queue until stopped.
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Msg>, stop: &AtomicBool) {
+        let mut flushers: Vec<oneshot::Sender<Result<(), AuditError>>> = Vec::new();
+        loop {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            self.take(first, &mut flushers, stop);
+            for _ in 1..MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(msg) => self.take(msg, &mut flushers, stop),
+                    Err(_) => break,
+                }
+            }
+            self.retry(&mut flushers, stop, Writer::commit);
+            if self.gave_up {
+                break;
+            }
+            answer(&mut flushers, Ok(()));
+            if stop.load(Ordering::SeqCst) {
+                // Refuse new records; drain what is already queued.
+                rx.close();
+                while let Some(msg) = rx.blocking_recv() {
+                    self.take(msg, &mut flushers, stop);
+                    if self.gave_up {
+                        break;
+                    }
+                }
+                self.retry(&mut flushers, stop, Writer::commit);
+                if !self.gave_up {
+                    answer(&mut flushers, Ok(()));
+                }
+                break;
+            }
+        }
+        if self.gave_up {
+            let lost = self.pending.len() - self.pending_written;
+            tracing::error!(
+                bytes = lost,
+                "audit writer stopped after repeated I/O errors; unwritten records are lost"
+            );
+            answer(
+                &mut flushers,
+                Err(AuditError::Write("gave up after I/O errors".into())),
+            );
+        }
+    }
+
+    fn take(
+        &mut self,
+        msg: Msg,
+        flushers: &mut Vec<oneshot::Sender<Result<(), AuditError>>>,
+        stop: &AtomicBool,
+    ) {
+        match msg {
+            Msg::Record(rec) => {
+                if self.gave_up {
+                    return;
+                }
+                let mut rec = rec;
+                // Encoding fails only on I/O (rotation); a retry encodes it again.
+                self.retry(flushers, stop, |w| w.encode(&mut rec));
+            }
+            Msg::Flush(reply) => flushers.push(reply),
+            Msg::Wake => {}
+        }
+    }
+
+    /// Run `op` until it succeeds, backing off; failing flushers are told at once.
+    /// Gives up (setting `gave_up`) only when a stop was asked.
+    fn retry(
+        &mut self,
+        flushers: &mut Vec<oneshot::Sender<Result<(), AuditError>>>,
+        stop: &AtomicBool,
+        mut op: impl FnMut(&mut Writer) -> std::io::Result<()>,
+    ) {
+        let mut attempt: u32 = 0;
+        let mut failed_when_stopping = 0;
+        loop {
+            match op(self) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %self.s.dir.display(), "audit write failed; retrying");
+                    answer(flushers, Err(AuditError::Write(e.to_string())));
+                    if stop.load(Ordering::SeqCst) {
+                        failed_when_stopping += 1;
+                        if failed_when_stopping >= RETRIES_WHEN_STOPPING {
+                            self.gave_up = true;
+                            return;
+                        }
+                    }
+                    attempt = attempt.saturating_add(1);
+                    let ms = 50u64.saturating_mul(1 << attempt.min(7)).min(5_000);
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+            }
+        }
+    }
+
+    /// Turn a record into a chained line in `pending`, rotating first if needed.
+    fn encode(&mut self, rec: &mut Map<String, Value>) -> std::io::Result<()> {
+        scrub(rec, self.s.log_prompts);
+        let now = self.clock.now();
+        let day = now.date_naive();
+
+        let mut line = Vec::with_capacity(256);
+        line.extend_from_slice(b"{\"ts\":\"");
+        line.extend_from_slice(now.to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes());
+        line.extend_from_slice(b"\",\"seq\":");
+        line.extend_from_slice(self.next_seq.to_string().as_bytes());
+        line.extend_from_slice(b",\"prev\":\"");
+        line.extend_from_slice(self.prev.as_bytes());
+        line.push(b'"');
+        for (k, v) in rec.iter() {
+            line.push(b',');
+            serde_json::to_writer(&mut line, k).map_err(std::io::Error::other)?;
+            line.push(b':');
+            serde_json::to_writer(&mut line, v).map_err(std::io::Error::other)?;
+        }
+        let hash = canonical_hash(&line);
+        line.extend_from_slice(b",\"hash\":\"");
+        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(b"\"}\n");
+
+        self.rotate_if_needed(day, line.len() as u64)?;
+        if self.pending.len() + line.len() > MAX_PENDING {
+            self.write_pending()?;
+        }
+        self.pending.extend_from_slice(&line);
+        self.last = Some((self.next_seq, hash.clone()));
+        self.next_seq += 1;
+        self.prev = hash;
+        Ok(())
+    }
+
+    fn rotate_if_needed(&mut self, day: NaiveDate, line_len: u64) -> std::io::Result<()> {
+        let (file_day, len) = match (&self.active, self.next_day) {
+            (Some(a), _) => (a.day, a.len),
+            (None, Some(d)) => (d, 0),
+            (None, None) => {
+                self.next_day = Some(day);
+                return Ok(());
+            }
+        };
+        let logical = len + self.pending.len() as u64;
+        let too_big = logical > 0 && logical + line_len > self.s.max_file_bytes;
+        let new_day = self.s.rotate_daily && day != file_day;
+        if too_big || new_day {
+            // The old file is finished: make it durable before the chain moves on.
+            self.write_pending()?;
+            self.sync()?;
+            self.active = None;
+            self.next_day = Some(day);
+        }
+        Ok(())
+    }
+
+    /// Write `pending` to the active file (creating it if needed), whole lines at a
+    /// time, resuming after a partial failure.
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        if self.pending.len() == self.pending_written {
+            self.pending.clear();
+            self.pending_written = 0;
+            return Ok(());
+        }
+        if self.active.is_none() {
+            self.open_next()?;
+        }
+        let Some(a) = self.active.as_mut() else {
+            return Err(std::io::Error::other("no active audit file"));
+        };
+        while self.pending_written < self.pending.len() {
+            let n = a.file.write(&self.pending[self.pending_written..])?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.pending_written += n;
+            a.len += n as u64;
+            self.unsynced = true;
+        }
+        self.pending.clear();
+        self.pending_written = 0;
+        Ok(())
+    }
+
+    fn open_next(&mut self) -> std::io::Result<()> {
+        let day = self
+            .next_day
+            .unwrap_or_else(|| self.clock.now().date_naive());
+        let name = file_name(day, self.next_number);
+        let path = self.s.dir.join(&name);
+        let file = match OpenOptions::new().append(true).create_new(true).open(&path) {
+            Ok(f) => f,
+            // Left empty by an attempt that failed after creating it: ours to use.
+            // A non-empty one belongs to someone else; never append to it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let f = OpenOptions::new().append(true).open(&path)?;
+                if f.metadata()?.len() != 0 {
+                    return Err(e);
+                }
+                f
+            }
+            Err(e) => return Err(e),
+        };
+        // The new name must survive a crash, or the chain would lose a file.
+        File::open(&self.s.dir)?.sync_all()?;
+        point_current(&self.s.dir, &name);
+        self.next_number += 1;
+        self.next_day = None;
+        self.active = Some(Active {
+            file,
+            name,
+            day,
+            len: 0,
+        });
+        Ok(())
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        if self.unsynced {
+            if let Some(a) = &self.active {
+                a.file.sync_data()?;
+            }
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// End of a batch: everything encoded is written, synced, and the head moves.
+    fn commit(&mut self) -> std::io::Result<()> {
+        self.write_pending()?;
+        self.sync()?;
+        self.write_head()
+    }
+
+    fn write_head(&mut self) -> std::io::Result<()> {
+        let (Some((seq, hash)), Some(a)) = (&self.last, &self.active) else {
+            return Ok(());
+        };
+        if self.head_written == Some(*seq) {
+            return Ok(());
+        }
+        let head = Head {
+            seq: *seq,
+            hash: hash.clone(),
+            file: a.name.clone(),
+        };
+        let tmp = self.s.dir.join(format!("{HEAD_FILE}.tmp"));
+        let bytes = serde_json::to_vec(&head).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, bytes)?;
+        // Not synced: the head only ever lags the synced log, and a torn head is
+        // reported by verify as unreadable, never as a break.
+        std::fs::rename(&tmp, self.s.dir.join(HEAD_FILE))?;
+        self.head_written = Some(*seq);
+        Ok(())
+    }
+}
+
+/// Point `current.jsonl` at the active file, so that `tail -F current.jsonl`
+/// follows the log across rotations. A convenience only: failures are logged.
+fn point_current(dir: &Path, name: &str) {
+    #[cfg(unix)]
+    {
+        let tmp = dir.join(format!("{CURRENT_LINK}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let result = std::os::unix::fs::symlink(name, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(CURRENT_LINK)));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot point {CURRENT_LINK} at {name}");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (dir, name);
+}
+
+fn answer(
+    flushers: &mut Vec<oneshot::Sender<Result<(), AuditError>>>,
+    result: Result<(), AuditError>,
+) {
+    for f in flushers.drain(..) {
+        let r = match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(AuditError::Write(e.to_string())),
+        };
+        let _ = f.send(r);
+    }
+}
+
+/// The last complete record of a file's complete lines, if any.
+fn last_record(f: &LogFile, complete: &[u8]) -> Result<Option<Tail>, AuditError> {
+    let body = complete.strip_suffix(b"\n").unwrap_or(complete);
+    if body.is_empty() {
+        return Ok(None);
+    }
+    let (line, text) = match body.iter().rposition(|b| *b == b'\n') {
+        Some(p) => (count_lines(&body[..=p]) + 1, &body[p + 1..]),
+        None => (1, body),
+    };
+    let p = parse_line(text).map_err(|detail| AuditError::Corrupt {
+        path: f.path.clone(),
+        line,
+        detail,
+    })?;
+    Ok(Some(Tail {
+        seq: p.seq,
+        hash: p.hash,
+    }))
+}
+
+fn count_lines(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|b| **b == b'\n').count() as u64
+}
