@@ -256,7 +256,7 @@ async fn run(cmd: Cmd, cfg: Config) -> i32 {
         }
         Cmd::Ledger {
             cmd: LedgerCmd::Verify,
-        } => crate::ledger::cli::verify_cmd(&cfg.ledger).await,
+        } => crate::ledger::verify_cmd(&cfg.ledger).await,
         Cmd::Keys(a) => {
             let client = AdminClient::new(&cfg, a.admin_url);
             keys_cmd(&client, a.cmd, a.json).await

@@ -16,7 +16,12 @@ async fn admin_routes_refuse_without_the_token() {
         (Method::POST, "/admin/keys"),
         (Method::GET, "/admin/audit"),
     ] {
-        let r = env.http.request(m.clone(), env.admin_url(p)).send().await.unwrap();
+        let r = env
+            .http
+            .request(m.clone(), env.admin_url(p))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 401, "{m} {p}");
         let r = env
             .http
@@ -28,9 +33,19 @@ async fn admin_routes_refuse_without_the_token() {
         assert_eq!(r.status(), 401, "{m} {p}");
     }
     // Health and metrics need no token.
-    let r = env.http.get(env.admin_url("/healthz")).send().await.unwrap();
+    let r = env
+        .http
+        .get(env.admin_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = env.http.get(env.admin_url("/metrics")).send().await.unwrap();
+    let r = env
+        .http
+        .get(env.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -52,7 +67,9 @@ async fn create_shows_the_secret_once_and_stores_only_a_hash() {
     assert_eq!(v["rate"], 1.2);
     assert!(v["window_start"].is_string());
     let id = v["id"].as_str().unwrap();
-    let (_, shown) = env.admin(Method::GET, &format!("/admin/keys/{id}"), None).await;
+    let (_, shown) = env
+        .admin(Method::GET, &format!("/admin/keys/{id}"), None)
+        .await;
     assert!(shown.get("key").is_none(), "secret shown only at creation");
     assert!(!shown.to_string().contains(secret));
     let (_, list) = env.admin(Method::GET, "/admin/keys", None).await;
@@ -74,12 +91,20 @@ async fn malformed_admin_requests_get_400_naming_the_field() {
         (json!({"budget": 10}), "name"),
         (json!({"name": "a"}), "budget"),
         (json!({"name": "a", "budget": -1}), "budget"),
-        (json!({"name": "a", "budget": 1, "period": "year"}), "period"),
+        (
+            json!({"name": "a", "budget": 1, "period": "year"}),
+            "period",
+        ),
         (json!({"name": "a", "budget": 1, "rate": 0}), "rate"),
-        (json!({"name": "a", "budget": 1, "expires_at": "tomorrow"}), "expires_at"),
+        (
+            json!({"name": "a", "budget": 1, "expires_at": "tomorrow"}),
+            "expires_at",
+        ),
         (json!({"name": "a", "budget": 1, "colour": "red"}), "colour"),
     ] {
-        let (s, v) = env.admin(Method::POST, "/admin/keys", Some(body.clone())).await;
+        let (s, v) = env
+            .admin(Method::POST, "/admin/keys", Some(body.clone()))
+            .await;
         assert_eq!(s, 400, "{body}");
         assert_eq!(v["field"], field, "{body}: {v}");
     }
@@ -116,7 +141,11 @@ async fn top_up_patch_rotate_and_disable_take_effect_on_the_next_request() {
     assert_eq!(v["data"]["balance"], 3);
     // Budget change.
     let (s, v) = env
-        .admin(Method::PATCH, &format!("/admin/keys/{id}"), Some(json!({"budget": 100, "rate": 2})))
+        .admin(
+            Method::PATCH,
+            &format!("/admin/keys/{id}"),
+            Some(json!({"budget": 100, "rate": 2})),
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["remaining"], 88);
@@ -134,7 +163,11 @@ async fn top_up_patch_rotate_and_disable_take_effect_on_the_next_request() {
     assert_eq!(v["code"], 0);
     // Bad patch changes nothing.
     let (s, v) = env
-        .admin(Method::PATCH, &format!("/admin/keys/{id}"), Some(json!({"budget": 1, "rate": "x"})))
+        .admin(
+            Method::PATCH,
+            &format!("/admin/keys/{id}"),
+            Some(json!({"budget": 1, "rate": "x"})),
+        )
         .await;
     assert_eq!(s, 400);
     assert_eq!(v["field"], "rate");
@@ -157,7 +190,10 @@ async fn audit_query_returns_decisions_and_admin_actions_as_json_lines() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
-    let recs: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let recs: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(recs.len(), 1, "{text}");
     assert_eq!(recs[0]["decision"], "budget");
     assert!(!text.contains(&secret));
@@ -171,7 +207,9 @@ async fn audit_query_returns_decisions_and_admin_actions_as_json_lines() {
     let text = r.text().await.unwrap();
     assert!(text.contains("\"action\":\"key_create\""), "{text}");
     assert!(text.contains("\"decision\":\"admitted\""));
-    let (s, v) = env.admin(Method::GET, "/admin/audit?since=yesterday", None).await;
+    let (s, v) = env
+        .admin(Method::GET, "/admin/audit?since=yesterday", None)
+        .await;
     assert_eq!(s, 400);
     assert_eq!(v["field"], "since");
 }
@@ -191,7 +229,10 @@ async fn metrics_count_requests_by_endpoint_and_decision() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("gate_requests_total{endpoint=\"draw\",decision=\"admitted\"} 1"), "{text}");
+    assert!(
+        text.contains("gate_requests_total{endpoint=\"draw\",decision=\"admitted\"} 1"),
+        "{text}"
+    );
     assert!(text.contains("gate_requests_total{endpoint=\"draw\",decision=\"budget\"} 1"));
     assert!(text.contains("gate_budget_remaining_points{key="));
     assert!(text.contains("gate_overhead_seconds_bucket"));
@@ -207,14 +248,22 @@ async fn readyz_reports_ledger_and_upstream() {
     let dead = format!("http://{}", l.local_addr().unwrap());
     drop(l);
     let env2 = Env::with(Default::default(), |c| c.upstream.url = dead).await;
-    let r = env2.http.get(env2.admin_url("/readyz")).send().await.unwrap();
+    let r = env2
+        .http
+        .get(env2.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
 }
 
 fn cli(env: &Env, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_chuzhan-gate"))
         .args(args)
-        .env("GATE_ADMIN_URL", format!("http://{}", env.gate().admin_addr))
+        .env(
+            "GATE_ADMIN_URL",
+            format!("http://{}", env.gate().admin_addr),
+        )
         .env("GATE_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("GATE_DATA_DIR", env.dir.path())
         .env_remove("GATE_CONFIG")
@@ -232,7 +281,13 @@ async fn cli_manages_keys_against_a_running_gate() {
     let env = Env::new().await;
     let env_ref = &env;
     let (code, out, err) = tokio::task::block_in_place(|| {
-        cli(env_ref, &["keys", "create", "--name", "alice", "--budget", "10000", "--period", "month", "--rate", "1.2", "--json"])
+        cli(
+            env_ref,
+            &[
+                "keys", "create", "--name", "alice", "--budget", "10000", "--period", "month",
+                "--rate", "1.2", "--json",
+            ],
+        )
     });
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(out.trim()).unwrap();
@@ -241,27 +296,33 @@ async fn cli_manages_keys_against_a_running_gate() {
     let (code, out, _) = tokio::task::block_in_place(|| cli(env_ref, &["keys", "list"]));
     assert_eq!(code, 0);
     assert!(out.contains("alice") && out.contains(&id), "{out}");
-    let (code, _, err) = tokio::task::block_in_place(|| cli(env_ref, &["keys", "top-up", &id, "500"]));
+    let (code, _, err) =
+        tokio::task::block_in_place(|| cli(env_ref, &["keys", "top-up", &id, "500"]));
     assert_eq!(code, 0, "{err}");
-    let (code, out, _) = tokio::task::block_in_place(|| cli(env_ref, &["keys", "show", &id, "--json"]));
+    let (code, out, _) =
+        tokio::task::block_in_place(|| cli(env_ref, &["keys", "show", &id, "--json"]));
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["budget"], 10500);
-    let (code, _, _) = tokio::task::block_in_place(|| cli(env_ref, &["keys", "set", &id, "--budget", "20"]));
+    let (code, _, _) =
+        tokio::task::block_in_place(|| cli(env_ref, &["keys", "set", &id, "--budget", "20"]));
     assert_eq!(code, 0);
     assert_eq!(env.account(&id).await["budget"], 20);
-    let (code, out, _) = tokio::task::block_in_place(|| cli(env_ref, &["keys", "rotate", &id, "--json"]));
+    let (code, out, _) =
+        tokio::task::block_in_place(|| cli(env_ref, &["keys", "rotate", &id, "--json"]));
     assert_eq!(code, 0);
     assert!(out.contains("czg_"));
     let (code, _, _) = tokio::task::block_in_place(|| cli(env_ref, &["keys", "disable", &id]));
     assert_eq!(code, 0);
     assert_eq!(env.account(&id).await["disabled"], true);
     // Errors: non-zero exit with a clear message.
-    let (code, _, err) = tokio::task::block_in_place(|| cli(env_ref, &["keys", "show", "key_nope"]));
+    let (code, _, err) =
+        tokio::task::block_in_place(|| cli(env_ref, &["keys", "show", "key_nope"]));
     assert_ne!(code, 0);
     assert!(err.contains("404") || err.contains("no key"), "{err}");
     env.gate().gate.audit.flush().await.unwrap();
-    let (code, out, _) = tokio::task::block_in_place(|| cli(env_ref, &["audit", "query", "--key", &id]));
+    let (code, out, _) =
+        tokio::task::block_in_place(|| cli(env_ref, &["audit", "query", "--key", &id]));
     assert_eq!(code, 0);
     assert!(out.contains("key_rotate"), "{out}");
     let (code, out, err) = tokio::task::block_in_place(|| cli(env_ref, &["audit", "verify"]));
@@ -292,9 +353,17 @@ fn price_command_prints_points_and_exits_by_validity() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     let (code, out) = run(SEED_768);
     assert_eq!(code, Some(0));

@@ -14,7 +14,9 @@ async fn charges_the_seed_price_and_rewrites_used_and_balance() {
     let (status, v, headers) = env.post("/aiapi/v1/draw", &secret, SEED_768).await;
     assert_eq!(status, 200);
     assert_eq!(v["code"], 0, "{v}");
-    assert!(v["data"]["paintingSign"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(v["data"]["paintingSign"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
     assert_eq!(v["data"]["used"], 12);
     assert_eq!(v["data"]["balance"], 88);
     assert!(headers.contains_key("x-request-id"));
@@ -112,7 +114,10 @@ async fn insufficient_budget_is_1002_with_price_and_remaining_and_never_forwarde
     );
     assert_eq!(env.sim.stats().requests, 0);
     let acc = env.account(&id).await;
-    assert_eq!((acc["spent"].as_u64(), acc["reserved"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (acc["spent"].as_u64(), acc["reserved"].as_u64()),
+        (Some(0), Some(0))
+    );
 }
 
 #[tokio::test]
@@ -176,7 +181,9 @@ async fn large_base64_images_within_the_limit_are_forwarded_intact() {
     let env = Env::new().await;
     let (_, secret) = env.key(json!({"name": "a", "budget": 1000})).await;
     let img: String = (0..3 * 1024 * 1024)
-        .map(|i| b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[i % 64] as char)
+        .map(|i| {
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[i % 64] as char
+        })
         .collect();
     let body = format!(r#"{{"prompt":"x","modelStyleId":1,"img":"{img}"}}"#);
     let (_, v, _) = env.post("/aiapi/v1/draw", &secret, &body).await;
@@ -244,7 +251,10 @@ async fn upstream_business_error_voids_and_is_forwarded_as_sent() {
     let (_, v, _) = env.post("/aiapi/v1/draw", &secret, body).await;
     assert_eq!(v["code"], 1004, "{v}");
     let acc = env.account(&id).await;
-    assert_eq!((acc["spent"].as_u64(), acc["reserved"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (acc["spent"].as_u64(), acc["reserved"].as_u64()),
+        (Some(0), Some(0))
+    );
 }
 
 async fn fault_case(fault: chuzhan_gate::upstream::sim::Fault) -> (Value, Value) {
@@ -304,7 +314,10 @@ async fn refused_connection_voids_with_a_clean_envelope() {
     assert_eq!(v["code"], 1, "{v}");
     assert!(v["msg"].as_str().unwrap().contains("nothing was charged"));
     let acc = env.account(&id).await;
-    assert_eq!((acc["spent"].as_u64(), acc["reserved"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (acc["spent"].as_u64(), acc["reserved"].as_u64()),
+        (Some(0), Some(0))
+    );
 }
 
 #[tokio::test]
@@ -423,6 +436,13 @@ async fn shutdown_drains_in_flight_requests_and_loses_nothing() {
         .unwrap();
     assert_eq!(acc.spent.get(), 12);
     assert_eq!(acc.reserved.get(), 0);
-    assert!(again.gate.ledger.verify().await.unwrap().mismatches.is_empty());
+    assert!(again
+        .gate
+        .ledger
+        .verify()
+        .await
+        .unwrap()
+        .mismatches
+        .is_empty());
     again.shutdown().await;
 }

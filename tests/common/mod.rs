@@ -22,16 +22,18 @@ pub async fn start_sim(cfg: SimConfig) -> SimHandle {
 }
 
 pub fn gate_config(dir: &std::path::Path, upstream: &str, token: &str) -> Config {
-    let mut cfg = Config::default();
-    cfg.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.admin_listen = "127.0.0.1:0".parse().unwrap();
-    cfg.data_dir = dir.to_path_buf();
+    let mut cfg = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        admin_token: Secret::new(ADMIN_TOKEN),
+        ..Config::default()
+    };
     cfg.ledger.path = Some(dir.join("ledger.db"));
     cfg.audit.dir = Some(dir.join("audit"));
     cfg.upstream.url = upstream.to_owned();
     cfg.upstream.token = Secret::new(token);
     cfg.upstream.timeout_secs = 10;
-    cfg.admin_token = Secret::new(ADMIN_TOKEN);
     cfg
 }
 
@@ -67,7 +69,12 @@ impl Env {
         format!("http://{}{}", self.gate().admin_addr, path)
     }
 
-    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self
             .http
             .request(method, self.admin_url(path))
@@ -78,7 +85,10 @@ impl Env {
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Create a key and return (id, secret).
@@ -93,7 +103,12 @@ impl Env {
         )
     }
 
-    pub async fn post(&self, path: &str, secret: &str, body: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+    pub async fn post(
+        &self,
+        path: &str,
+        secret: &str,
+        body: &str,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
         let resp = self
             .http
             .post(self.url(path))

@@ -1,0 +1,977 @@
+//! The PostgreSQL ledger, for several gate replicas sharing budgets.
+//!
+//! Every mutation is ONE statement (data-modifying CTEs) in autocommit mode:
+//! one round trip, and atomic because a statement is. The reservation is the
+//! conditional `UPDATE accounts ... WHERE spent + reserved + $points <= budget`;
+//! the account row is locked first (`FOR UPDATE` in the first CTE) so that a
+//! due period reset and the spend it clears are read from the same, latest row
+//! version. Because every account change locks the account row before its
+//! transfer row takes a sequence number, the transfer sequence per account is
+//! the order in which the changes were applied, and `verify` can replay it.
+//!
+//! A transition that finds nothing to change (the chain id already reserved,
+//! already settled) is then looked up to answer as a replay or a conflict.
+
+use super::{
+    now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
+    window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
+    IdemBegin, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle,
+    Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
+};
+use crate::clock::SharedClock;
+use crate::keys::KeyRecord;
+use crate::points::{KeyId, Points, TransferId};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+/// Serialises schema migrations of concurrently starting replicas.
+const MIGRATION_LOCK: i64 = 0x0063_6875_7a68_616e; // "chuzhan"
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    key TEXT PRIMARY KEY,
+    budget BIGINT NOT NULL,
+    spent BIGINT NOT NULL,
+    reserved BIGINT NOT NULL,
+    period TEXT NOT NULL,
+    window_ms BIGINT NOT NULL
+);
+CREATE TABLE transfers (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    points BIGINT NOT NULL,
+    overage BIGINT NOT NULL DEFAULT 0,
+    remaining BIGINT NOT NULL DEFAULT 0,
+    period TEXT,
+    window_ms BIGINT,
+    reset_spent BIGINT,
+    actor TEXT NOT NULL,
+    note TEXT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX transfers_chain ON transfers (id, kind) WHERE id IS NOT NULL;
+CREATE TABLE chains (
+    id TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    reserved BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    settled BIGINT,
+    owner TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    settled_ms BIGINT
+);
+CREATE INDEX chains_pending ON chains (owner, created_ms) WHERE state = 'pending';
+CREATE TABLE idem (
+    key TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    body_hash BYTEA NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER,
+    body BYTEA,
+    created_ms BIGINT NOT NULL,
+    PRIMARY KEY (key, idem_key)
+);
+CREATE TABLE keys (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL UNIQUE,
+    record TEXT NOT NULL
+);
+CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"#];
+
+/// The current window start for each period kind, passed to the statements
+/// that may apply a lazy period reset.
+const PERIOD_CASE: &str = "CASE a.period WHEN 'day' THEN $D::bigint WHEN 'week' THEN $W::bigint \
+                           WHEN 'month' THEN $M::bigint ELSE NULL END";
+
+const RESERVE: &str = "
+WITH old AS (
+    SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, PERIOD_CASE AS cur
+    FROM accounts a WHERE a.key = $2 FOR UPDATE
+), eff AS (
+    SELECT *, (cur IS NOT NULL AND window_ms < cur) AS do_reset,
+        CASE WHEN cur IS NOT NULL AND window_ms < cur THEN 0 ELSE spent END AS espent
+    FROM old
+), acc AS (
+    UPDATE accounts a SET
+        spent = eff.espent,
+        window_ms = CASE WHEN eff.do_reset THEN eff.cur ELSE a.window_ms END,
+        reserved = a.reserved + $3
+    FROM eff
+    WHERE a.key = eff.key AND eff.espent + a.reserved + $3 <= a.budget
+    RETURNING a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent
+), ch AS (
+    INSERT INTO chains (id, key, reserved, state, owner, created_ms)
+    SELECT $1, $2, $3, 'pending', $4, $5 FROM acc
+), tr AS (
+    INSERT INTO transfers (id, key, kind, points, overage, remaining, window_ms, reset_spent, actor, note, at_ms)
+    SELECT $1, $2, 'reserve', $3, 0, GREATEST(budget - spent - reserved, 0),
+        CASE WHEN do_reset THEN window_ms END, CASE WHEN do_reset THEN old_spent END, 'gate', '', $5
+    FROM acc
+)
+SELECT e.budget, e.espent, e.reserved, a.budget AS nb, a.spent AS ns, a.reserved AS nr
+FROM eff e LEFT JOIN acc a ON true";
+
+const COMMIT: &str = "
+WITH ch AS (
+    UPDATE chains SET state = 'committed', settled = $2, settled_ms = $3
+    WHERE id = $1 AND state = 'pending' RETURNING key, reserved
+), old AS (
+    SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, ch.reserved AS rsv, PERIOD_CASE AS cur
+    FROM accounts a JOIN ch ON a.key = ch.key FOR UPDATE OF a
+), eff AS (
+    SELECT *, (cur IS NOT NULL AND window_ms < cur) AS do_reset,
+        CASE WHEN cur IS NOT NULL AND window_ms < cur THEN 0 ELSE spent END AS espent
+    FROM old
+), acc AS (
+    UPDATE accounts a SET
+        spent = eff.espent + $2,
+        window_ms = CASE WHEN eff.do_reset THEN eff.cur ELSE a.window_ms END,
+        reserved = a.reserved - eff.rsv
+    FROM eff WHERE a.key = eff.key
+    RETURNING a.key, a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent,
+        GREATEST(0, $2 - GREATEST(0, eff.budget - eff.espent - (eff.reserved - eff.rsv))) AS overage
+), tr AS (
+    INSERT INTO transfers (id, key, kind, points, overage, remaining, window_ms, reset_spent, actor, note, at_ms)
+    SELECT $1, key, 'commit', $2, overage, GREATEST(budget - spent - reserved, 0),
+        CASE WHEN do_reset THEN window_ms END, CASE WHEN do_reset THEN old_spent END, $7, $8, $3
+    FROM acc
+)
+SELECT key, $2::bigint AS points, overage, GREATEST(budget - spent - reserved, 0) AS remaining FROM acc";
+
+const VOID: &str = "
+WITH ch AS (
+    UPDATE chains SET state = 'voided', settled_ms = $2
+    WHERE id = $1 AND state = 'pending' RETURNING key, reserved
+), acc AS (
+    UPDATE accounts a SET reserved = a.reserved - ch.reserved
+    FROM ch WHERE a.key = ch.key
+    RETURNING a.key, a.budget, a.spent, a.reserved, ch.reserved AS rsv
+), tr AS (
+    INSERT INTO transfers (id, key, kind, points, overage, remaining, actor, note, at_ms)
+    SELECT $1, key, 'void', rsv, 0, GREATEST(budget - spent - reserved, 0), $3, $4, $2 FROM acc
+)
+SELECT key, rsv AS points, 0::bigint AS overage, GREATEST(budget - spent - reserved, 0) AS remaining FROM acc";
+
+const REFUND: &str = "
+WITH ch AS (
+    UPDATE chains SET state = 'refunded', settled_ms = $2
+    WHERE id = $1 AND state = 'committed' RETURNING key, settled
+), old AS (
+    SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, ch.settled AS pts, PERIOD_CASE AS cur
+    FROM accounts a JOIN ch ON a.key = ch.key FOR UPDATE OF a
+), eff AS (
+    SELECT *, (cur IS NOT NULL AND window_ms < cur) AS do_reset,
+        CASE WHEN cur IS NOT NULL AND window_ms < cur THEN 0 ELSE spent END AS espent
+    FROM old
+), acc AS (
+    UPDATE accounts a SET
+        spent = GREATEST(eff.espent - eff.pts, 0),
+        window_ms = CASE WHEN eff.do_reset THEN eff.cur ELSE a.window_ms END
+    FROM eff WHERE a.key = eff.key
+    RETURNING a.key, a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent, eff.pts
+), tr AS (
+    INSERT INTO transfers (id, key, kind, points, overage, remaining, window_ms, reset_spent, actor, note, at_ms)
+    SELECT $1, key, 'refund', pts, 0, GREATEST(budget - spent - reserved, 0),
+        CASE WHEN do_reset THEN window_ms END, CASE WHEN do_reset THEN old_spent END, $6, $7, $2
+    FROM acc
+)
+SELECT key, pts AS points, 0::bigint AS overage, GREATEST(budget - spent - reserved, 0) AS remaining FROM acc";
+
+const OPEN: &str = "
+WITH acc AS (
+    INSERT INTO accounts (key, budget, spent, reserved, period, window_ms)
+    VALUES ($1, $2, 0, 0, $3, $4) ON CONFLICT (key) DO NOTHING
+    RETURNING key, budget, spent, reserved, period, window_ms
+), tr AS (
+    INSERT INTO transfers (key, kind, points, overage, remaining, period, window_ms, actor, note, at_ms)
+    SELECT key, 'open', budget, 0, budget, $3, $4, $5, $6, $7 FROM acc
+)
+SELECT budget, spent, reserved, period, window_ms FROM acc";
+
+const SET_BUDGET: &str = "
+WITH acc AS (
+    UPDATE accounts SET budget = $2 WHERE key = $1
+    RETURNING key, budget, spent, reserved, period, window_ms
+), tr AS (
+    INSERT INTO transfers (key, kind, points, overage, remaining, actor, note, at_ms)
+    SELECT key, 'budget', $2, 0, GREATEST(budget - spent - reserved, 0), $3, $4, $5 FROM acc
+)
+SELECT budget, spent, reserved, period, window_ms FROM acc";
+
+const TOP_UP: &str = "
+WITH acc AS (
+    UPDATE accounts SET budget = budget + $2 WHERE key = $1
+    RETURNING key, budget, spent, reserved, period, window_ms
+), tr AS (
+    INSERT INTO transfers (key, kind, points, overage, remaining, actor, note, at_ms)
+    SELECT key, 'topup', $2, 0, GREATEST(budget - spent - reserved, 0), $3, $4, $5 FROM acc
+)
+SELECT budget, spent, reserved, period, window_ms FROM acc";
+
+const SET_PERIOD: &str = "
+WITH acc AS (
+    UPDATE accounts SET period = $2, window_ms = $6 WHERE key = $1
+    RETURNING key, budget, spent, reserved, period, window_ms
+), tr AS (
+    INSERT INTO transfers (key, kind, points, overage, remaining, period, window_ms, actor, note, at_ms)
+    SELECT key, 'period', 0, 0, GREATEST(budget - spent - reserved, 0), $2, $6, $3, $4, $5 FROM acc
+)
+SELECT budget, spent, reserved, period, window_ms FROM acc";
+
+fn with_periods(sql: &str, d: &str, w: &str, m: &str) -> String {
+    sql.replace("PERIOD_CASE", PERIOD_CASE)
+        .replace("$D", d)
+        .replace("$W", w)
+        .replace("$M", m)
+}
+
+fn pg(e: tokio_postgres::Error) -> LedgerError {
+    match e.as_db_error() {
+        Some(db) => {
+            LedgerError::Storage(format!("postgres: {} ({})", db.message(), db.code().code()))
+        }
+        None => LedgerError::Storage(format!("postgres: {e}")),
+    }
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+fn pool_err(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(format!("postgres pool: {e}"))
+}
+
+fn account_state(row: &Row) -> Result<AccountState, LedgerError> {
+    let period: String = row.try_get("period").map_err(pg)?;
+    Ok(AccountState {
+        budget: to_u64(row.try_get("budget").map_err(pg)?),
+        spent: to_u64(row.try_get("spent").map_err(pg)?),
+        reserved: to_u64(row.try_get("reserved").map_err(pg)?),
+        period: period.parse().unwrap_or(Period::None),
+        window_ms: row.try_get("window_ms").map_err(pg)?,
+    })
+}
+
+/// The PostgreSQL backend.
+pub(super) struct PgLedger {
+    pool: Pool,
+    clock: SharedClock,
+    tz: chrono_tz::Tz,
+    policy: PendingPolicy,
+    ttl_ms: i64,
+    owner: String,
+    reserve_sql: String,
+    commit_sql: String,
+    refund_sql: String,
+}
+
+impl PgLedger {
+    pub(super) async fn open(
+        cfg: &LedgerConfig,
+        clock: SharedClock,
+    ) -> Result<PgLedger, LedgerError> {
+        let url = cfg
+            .url
+            .as_deref()
+            .ok_or_else(|| LedgerError::Config("ledger.url is not set".into()))?;
+        let tz = cfg.tz()?;
+        let mut pg_cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| LedgerError::Config(format!("ledger.url: {e}")))?;
+        if let Some(schema) = &cfg.schema {
+            let valid = !schema.is_empty()
+                && schema.len() <= 63
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !schema.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                return Err(LedgerError::Config(format!(
+                    "ledger.schema {schema:?}: use lowercase letters, digits and _"
+                )));
+            }
+            pg_cfg.options(format!("-c search_path={schema}"));
+        }
+        if pg_cfg.get_connect_timeout().is_none() {
+            pg_cfg.connect_timeout(std::time::Duration::from_secs(10));
+        }
+        let mgr = Manager::from_config(
+            pg_cfg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(mgr)
+            .max_size(cfg.pool_size.max(1))
+            .build()
+            .map_err(pool_err)?;
+        let ledger = PgLedger {
+            pool,
+            clock,
+            tz,
+            policy: cfg.pending_policy,
+            ttl_ms: i64::try_from(cfg.pending_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            owner: cfg.instance_name(),
+            reserve_sql: with_periods(RESERVE, "$6", "$7", "$8"),
+            commit_sql: with_periods(COMMIT, "$4", "$5", "$6"),
+            refund_sql: with_periods(REFUND, "$3", "$4", "$5"),
+        };
+        ledger.migrate(cfg.schema.as_deref()).await?;
+        // Only this instance's orphans: other replicas may be serving theirs.
+        let client = ledger.pool.get().await.map_err(pool_err)?;
+        let orphans = client
+            .query(
+                "SELECT id, reserved FROM chains WHERE state = 'pending' AND owner = $1",
+                &[&ledger.owner],
+            )
+            .await
+            .map_err(pg)?;
+        drop(client);
+        if !orphans.is_empty() {
+            tracing::warn!(
+                count = orphans.len(),
+                instance = %ledger.owner,
+                "resolving reservations this instance left pending"
+            );
+        }
+        let note = policy_note(
+            ledger.policy,
+            "pending at startup (this instance stopped without settling it)",
+        );
+        for row in orphans {
+            let id = TransferId(row.try_get(0).map_err(pg)?);
+            let reserved: i64 = row.try_get(1).map_err(pg)?;
+            match ledger
+                .resolve(&id, to_u64(reserved), "recovery", &note)
+                .await
+            {
+                Ok(_) | Err(LedgerError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ledger)
+    }
+
+    async fn migrate(&self, schema: Option<&str>) -> Result<(), LedgerError> {
+        let mut client = self.pool.get().await.map_err(pool_err)?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg)?;
+        let result = async {
+            if let Some(schema) = schema {
+                // The name was validated in `open`.
+                client
+                    .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                    .await
+                    .map_err(pg)?;
+            }
+            client
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)",
+                )
+                .await
+                .map_err(pg)?;
+            let row = client
+                .query_one(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    &[],
+                )
+                .await
+                .map_err(pg)?;
+            let have: i32 = row.try_get(0).map_err(pg)?;
+            for (i, sql) in MIGRATIONS.iter().enumerate() {
+                let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+                if version <= have {
+                    continue;
+                }
+                let tx = client.transaction().await.map_err(pg)?;
+                tx.batch_execute(sql).await.map_err(pg)?;
+                tx.execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)",
+                    &[&version],
+                )
+                .await
+                .map_err(pg)?;
+                tx.commit().await.map_err(pg)?;
+            }
+            Ok::<(), LedgerError>(())
+        }
+        .await;
+        let unlock = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg);
+        result.and(unlock.map(|_| ()))
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, LedgerError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    fn windows(&self, now: i64) -> [i64; 3] {
+        [Period::Day, Period::Week, Period::Month]
+            .map(|p| window_start_ms(p, self.tz, now).unwrap_or(0))
+    }
+
+    pub(super) async fn admin(
+        &self,
+        key: &KeyId,
+        op: AdminOp,
+        actor: &str,
+        note: &str,
+    ) -> Result<AccountView, LedgerError> {
+        let now = now_ms(&self.clock);
+        let client = self.client().await?;
+        let k = key.as_str();
+        let rows = match op {
+            AdminOp::Open { budget, period } => {
+                let b = to_i64(budget.get())?;
+                let w = window_for(period, self.tz, now);
+                let stmt = client.prepare_cached(OPEN).await.map_err(pg)?;
+                let rows = client
+                    .query(&stmt, &[&k, &b, &period.as_str(), &w, &actor, &note, &now])
+                    .await
+                    .map_err(pg)?;
+                if rows.is_empty() {
+                    return Err(LedgerError::Conflict(format!(
+                        "account {key} already exists"
+                    )));
+                }
+                rows
+            }
+            AdminOp::Budget(p) | AdminOp::TopUp(p) => {
+                let sql = if matches!(op, AdminOp::Budget(_)) {
+                    SET_BUDGET
+                } else {
+                    TOP_UP
+                };
+                let p = to_i64(p.get())?;
+                let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+                client
+                    .query(&stmt, &[&k, &p, &actor, &note, &now])
+                    .await
+                    .map_err(|e| {
+                        if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
+                            LedgerError::Conflict("budget overflow".into())
+                        } else {
+                            pg(e)
+                        }
+                    })?
+            }
+            AdminOp::Period(period) => {
+                let w = window_for(period, self.tz, now);
+                let stmt = client.prepare_cached(SET_PERIOD).await.map_err(pg)?;
+                client
+                    .query(&stmt, &[&k, &period.as_str(), &actor, &note, &now, &w])
+                    .await
+                    .map_err(pg)?
+            }
+        };
+        let row = rows
+            .first()
+            .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))?;
+        Ok(account_state(row)?.view(key, now, self.tz))
+    }
+
+    pub(super) async fn account(&self, key: &KeyId) -> Result<AccountView, LedgerError> {
+        let now = now_ms(&self.clock);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT budget, spent, reserved, period, window_ms FROM accounts WHERE key = $1",
+            )
+            .await
+            .map_err(pg)?;
+        let row = client
+            .query_opt(&stmt, &[&key.as_str()])
+            .await
+            .map_err(pg)?
+            .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))?;
+        Ok(account_state(&row)?.view(key, now, self.tz))
+    }
+
+    pub(super) async fn accounts(&self) -> Result<Vec<AccountView>, LedgerError> {
+        let now = now_ms(&self.clock);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT key, budget, spent, reserved, period, window_ms FROM accounts ORDER BY key",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let key = KeyId(r.try_get("key").map_err(pg)?);
+                Ok(account_state(r)?.view(&key, now, self.tz))
+            })
+            .collect()
+    }
+
+    pub(super) async fn reserve(
+        &self,
+        key: &KeyId,
+        points: Points,
+        id: &TransferId,
+    ) -> Result<Reserved, LedgerError> {
+        let p = to_i64(points.get())?;
+        let now = now_ms(&self.clock);
+        let [d, w, m] = self.windows(now);
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&self.reserve_sql).await.map_err(pg)?;
+        let res = client
+            .query(
+                &stmt,
+                &[
+                    &id.as_str(),
+                    &key.as_str(),
+                    &p,
+                    &self.owner,
+                    &now,
+                    &d,
+                    &w,
+                    &m,
+                ],
+            )
+            .await;
+        let rows = match res {
+            Ok(rows) => rows,
+            Err(e) if is_unique_violation(&e) => {
+                // The id is taken: a replay (or a misuse with another key).
+                let row = client
+                    .query_opt(
+                        "SELECT key, points, remaining FROM transfers WHERE id = $1 AND kind = 'reserve'",
+                        &[&id.as_str()],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .ok_or_else(|| LedgerError::Conflict(format!("transfer {id} is taken")))?;
+                let stored_key: String = row.try_get(0).map_err(pg)?;
+                return super::sqlite::reserve_replay(
+                    key,
+                    id,
+                    &stored_key,
+                    to_u64(row.try_get(1).map_err(pg)?),
+                    to_u64(row.try_get(2).map_err(pg)?),
+                );
+            }
+            Err(e) => return Err(pg(e)),
+        };
+        let row = rows
+            .first()
+            .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))?;
+        let nb: Option<i64> = row.try_get("nb").map_err(pg)?;
+        if nb.is_none() {
+            let budget: i64 = row.try_get("budget").map_err(pg)?;
+            let spent: i64 = row.try_get("espent").map_err(pg)?;
+            let reserved: i64 = row.try_get("reserved").map_err(pg)?;
+            return Err(LedgerError::Insufficient {
+                needed: points,
+                remaining: Points(to_u64(
+                    budget.saturating_sub(spent).saturating_sub(reserved),
+                )),
+            });
+        }
+        let b = nb.unwrap_or(0);
+        let s: i64 = row
+            .try_get::<_, Option<i64>>("ns")
+            .map_err(pg)?
+            .unwrap_or(0);
+        let r: i64 = row
+            .try_get::<_, Option<i64>>("nr")
+            .map_err(pg)?
+            .unwrap_or(0);
+        Ok(Reserved {
+            key: key.clone(),
+            points,
+            remaining: Points(to_u64(b.saturating_sub(s).saturating_sub(r))),
+        })
+    }
+
+    pub(super) async fn settle(
+        &self,
+        id: &TransferId,
+        how: Settle,
+        actor: &str,
+        note: &str,
+    ) -> Result<Settled, LedgerError> {
+        let client = self.client().await?;
+        // A chain found still pending after a failed attempt means a concurrent
+        // transaction touched it and rolled back; try again a few times.
+        for _ in 0..3 {
+            let now = now_ms(&self.clock);
+            let [d, w, m] = self.windows(now);
+            let rows = match how {
+                Settle::Commit(p) => {
+                    let p = to_i64(p.get())?;
+                    let stmt = client.prepare_cached(&self.commit_sql).await.map_err(pg)?;
+                    client
+                        .query(&stmt, &[&id.as_str(), &p, &now, &d, &w, &m, &actor, &note])
+                        .await
+                }
+                Settle::Void => {
+                    let stmt = client.prepare_cached(VOID).await.map_err(pg)?;
+                    client
+                        .query(&stmt, &[&id.as_str(), &now, &actor, &note])
+                        .await
+                }
+                Settle::Refund => {
+                    let stmt = client.prepare_cached(&self.refund_sql).await.map_err(pg)?;
+                    client
+                        .query(&stmt, &[&id.as_str(), &now, &d, &w, &m, &actor, &note])
+                        .await
+                }
+            }
+            .map_err(pg)?;
+            if let Some(row) = rows.first() {
+                return Ok(Settled {
+                    key: KeyId(row.try_get("key").map_err(pg)?),
+                    id: id.clone(),
+                    kind: how.kind(),
+                    points: Points(to_u64(row.try_get("points").map_err(pg)?)),
+                    overage: Points(to_u64(row.try_get("overage").map_err(pg)?)),
+                    remaining: Points(to_u64(row.try_get("remaining").map_err(pg)?)),
+                    replay: false,
+                });
+            }
+            let Some(state_row) = client
+                .query_opt("SELECT state FROM chains WHERE id = $1", &[&id.as_str()])
+                .await
+                .map_err(pg)?
+            else {
+                return Err(LedgerError::UnknownTransfer(id.clone()));
+            };
+            let state: String = state_row.try_get(0).map_err(pg)?;
+            let state = ChainState::parse(&state)
+                .ok_or_else(|| LedgerError::Storage(format!("chain {id} has state {state:?}")))?;
+            let allowed = matches!(
+                (how, state),
+                (Settle::Commit(_) | Settle::Void, ChainState::Pending)
+                    | (Settle::Refund, ChainState::Committed)
+            );
+            if allowed {
+                continue;
+            }
+            return match settle_refusal(id, how, state) {
+                Refusal::Conflict(msg) => Err(LedgerError::Conflict(msg)),
+                Refusal::Replay(kind) => {
+                    let row = client
+                        .query_opt(
+                            "SELECT key, points, overage, remaining FROM transfers WHERE id = $1 AND kind = $2",
+                            &[&id.as_str(), &kind.as_str()],
+                        )
+                        .await
+                        .map_err(pg)?
+                        .ok_or_else(|| {
+                            LedgerError::Storage(format!("transfer {id} has no {} record", kind.as_str()))
+                        })?;
+                    Ok(Settled {
+                        key: KeyId(row.try_get(0).map_err(pg)?),
+                        id: id.clone(),
+                        kind,
+                        points: Points(to_u64(row.try_get(1).map_err(pg)?)),
+                        overage: Points(to_u64(row.try_get(2).map_err(pg)?)),
+                        remaining: Points(to_u64(row.try_get(3).map_err(pg)?)),
+                        replay: true,
+                    })
+                }
+            };
+        }
+        Err(LedgerError::Conflict(format!(
+            "transfer {id} is being settled concurrently"
+        )))
+    }
+
+    async fn resolve(
+        &self,
+        id: &TransferId,
+        reserved: u64,
+        actor: &str,
+        note: &str,
+    ) -> Result<Settled, LedgerError> {
+        let how = match self.policy {
+            PendingPolicy::Charge => Settle::Commit(Points(reserved)),
+            PendingPolicy::Void => Settle::Void,
+        };
+        self.settle(id, how, actor, note).await
+    }
+
+    pub(super) async fn expire_pending(&self) -> Result<Vec<Settled>, LedgerError> {
+        let now = now_ms(&self.clock);
+        let cutoff = now.saturating_sub(self.ttl_ms);
+        let due = {
+            let client = self.client().await?;
+            client
+                .query(
+                    "SELECT id, reserved FROM chains WHERE state = 'pending' AND created_ms <= $1",
+                    &[&cutoff],
+                )
+                .await
+                .map_err(pg)?
+        };
+        let note = policy_note(self.policy, "pending longer than pending_ttl_secs");
+        let mut out = Vec::with_capacity(due.len());
+        for row in due {
+            let id = TransferId(row.try_get(0).map_err(pg)?);
+            let reserved: i64 = row.try_get(1).map_err(pg)?;
+            match self.resolve(&id, to_u64(reserved), "expiry", &note).await {
+                Ok(s) if !s.replay => out.push(s),
+                Ok(_) | Err(LedgerError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM idem WHERE created_ms < $1",
+                &[&now.saturating_sub(IDEM_RETENTION_MS)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(out)
+    }
+
+    pub(super) async fn pending_count(&self) -> Result<u64, LedgerError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT count(*) FROM chains WHERE state = 'pending'", &[])
+            .await
+            .map_err(pg)?;
+        Ok(to_u64(row.try_get(0).map_err(pg)?))
+    }
+
+    pub(super) async fn verify(&self) -> Result<VerifyReport, LedgerError> {
+        let mut client = self.client().await?;
+        // One snapshot for all three tables.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg)?;
+        let transfers = tx
+            .query(
+                "SELECT seq, id, key, kind, points, period, window_ms, reset_spent FROM transfers ORDER BY seq",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                Ok(TransferRow {
+                    seq: r.try_get(0)?,
+                    id: r.try_get(1)?,
+                    key: r.try_get(2)?,
+                    kind: r.try_get(3)?,
+                    points: r.try_get(4)?,
+                    period: r.try_get(5)?,
+                    window_ms: r.try_get(6)?,
+                    reset_spent: r.try_get(7)?,
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(pg)?;
+        let accounts = tx
+            .query(
+                "SELECT key, budget, spent, reserved, period, window_ms FROM accounts ORDER BY key",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                Ok(AccountRow {
+                    key: r.try_get("key").map_err(pg)?,
+                    state: account_state(r)?,
+                })
+            })
+            .collect::<Result<Vec<_>, LedgerError>>()?;
+        let chains = tx
+            .query("SELECT id, key, reserved, state, settled FROM chains", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                Ok(ChainRow {
+                    id: r.try_get(0)?,
+                    key: r.try_get(1)?,
+                    reserved: r.try_get(2)?,
+                    state: r.try_get(3)?,
+                    settled: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(replay_verify(&transfers, &accounts, &chains))
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), LedgerError> {
+        let now = now_ms(&self.clock).to_string();
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO meta (k, v) VALUES ('ping', $1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+                &[&now],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    pub(super) async fn close(&self) -> Result<(), LedgerError> {
+        // Every call already committed before returning; nothing is queued.
+        Ok(())
+    }
+
+    pub(super) async fn idem_begin(
+        &self,
+        key: &KeyId,
+        idem_key: &str,
+        body_hash: &[u8; 32],
+    ) -> Result<IdemBegin, LedgerError> {
+        let now = now_ms(&self.clock);
+        let client = self.client().await?;
+        let hash: &[u8] = body_hash;
+        // The record may vanish between the insert and the read (abandoned);
+        // then the insert is tried again.
+        for _ in 0..3 {
+            let inserted = client
+                .query_opt(
+                    "INSERT INTO idem (key, idem_key, body_hash, state, created_ms) \
+                     VALUES ($1, $2, $3, 'inflight', $4) ON CONFLICT (key, idem_key) DO NOTHING RETURNING 1",
+                    &[&key.as_str(), &idem_key, &hash, &now],
+                )
+                .await
+                .map_err(pg)?;
+            if inserted.is_some() {
+                return Ok(IdemBegin::New);
+            }
+            let row = client
+                .query_opt(
+                    "SELECT body_hash, state, status, body FROM idem WHERE key = $1 AND idem_key = $2",
+                    &[&key.as_str(), &idem_key],
+                )
+                .await
+                .map_err(pg)?;
+            if let Some(row) = row {
+                let stored: Vec<u8> = row.try_get(0).map_err(pg)?;
+                let state: String = row.try_get(1).map_err(pg)?;
+                let status: Option<i32> = row.try_get(2).map_err(pg)?;
+                let body: Option<Vec<u8>> = row.try_get(3).map_err(pg)?;
+                return Ok(super::sqlite::idem_outcome(
+                    hash,
+                    &stored,
+                    &state,
+                    status.map(i64::from),
+                    body,
+                ));
+            }
+        }
+        Ok(IdemBegin::InFlight)
+    }
+
+    pub(super) async fn idem_finish(
+        &self,
+        key: &KeyId,
+        idem_key: &str,
+        answer: &StoredAnswer,
+    ) -> Result<(), LedgerError> {
+        let client = self.client().await?;
+        let status = i32::from(answer.status);
+        client
+            .execute(
+                "UPDATE idem SET state = 'done', status = $3, body = $4 WHERE key = $1 AND idem_key = $2",
+                &[&key.as_str(), &idem_key, &status, &answer.body],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    pub(super) async fn idem_abandon(
+        &self,
+        key: &KeyId,
+        idem_key: &str,
+    ) -> Result<(), LedgerError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM idem WHERE key = $1 AND idem_key = $2 AND state = 'inflight'",
+                &[&key.as_str(), &idem_key],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    pub(super) async fn put_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+        let json = serde_json::to_string(rec).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let client = self.client().await?;
+        let res = client
+            .execute(
+                "INSERT INTO keys (id, secret_hash, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash, record = excluded.record",
+                &[&rec.id.as_str(), &rec.secret_hash, &json],
+            )
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(LedgerError::Conflict(
+                "that secret already belongs to another key".into(),
+            )),
+            Err(e) => Err(pg(e)),
+        }
+    }
+
+    async fn one_key(&self, sql: &str, arg: &str) -> Result<Option<KeyRecord>, LedgerError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+        let row = client.query_opt(&stmt, &[&arg]).await.map_err(pg)?;
+        match row {
+            Some(r) => {
+                let json: String = r.try_get(0).map_err(pg)?;
+                super::sqlite::parse_key(&json).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub(super) async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, LedgerError> {
+        self.one_key("SELECT record FROM keys WHERE id = $1", id.as_str())
+            .await
+    }
+
+    pub(super) async fn key_by_hash(
+        &self,
+        secret_hash: &str,
+    ) -> Result<Option<KeyRecord>, LedgerError> {
+        self.one_key(
+            "SELECT record FROM keys WHERE secret_hash = $1",
+            secret_hash,
+        )
+        .await
+    }
+
+    pub(super) async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT record FROM keys ORDER BY id", &[])
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let json: String = r.try_get(0).map_err(pg)?;
+                super::sqlite::parse_key(&json)
+            })
+            .collect()
+    }
+}

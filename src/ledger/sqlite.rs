@@ -1,0 +1,1546 @@
+//! The embedded ledger: one SQLite file (WAL, `synchronous=FULL`), admission
+//! state in memory, and a single writer thread doing group commit.
+//!
+//! Why this shape: SQLite allows one writer at a time, and an fsync per
+//! operation would cap throughput at a few hundred operations per second. So
+//! every mutation is decided in memory first — under the dashmap shard lock of
+//! the chain and then of the account (always in that order, so there is no
+//! deadlock) — and queued, while still holding those locks, to the writer
+//! thread. The queue order is therefore the order in which decisions were
+//! made, and the transfer sequence in the file replays them exactly. The writer
+//! drains whatever is queued into one transaction, commits (one fsync for the
+//! whole batch), and only then answers each caller through its oneshot.
+//!
+//! The process owning the file is the only writer: a second process (for
+//! example a CLI changing budgets while `serve` runs) would not see this
+//! process's in-memory state. `verify` only reads, so it is safe alongside.
+
+use super::{
+    now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for, AccountRow,
+    AccountState, AccountView, AdminOp, ChainRow, ChainState, IdemBegin, LedgerConfig, LedgerError,
+    PendingPolicy, Period, Refusal, Reserved, Settle, SettleKind, Settled, StoredAnswer,
+    TransferRow, VerifyReport, IDEM_RETENTION_MS,
+};
+use crate::clock::SharedClock;
+use crate::keys::KeyRecord;
+use crate::points::{KeyId, Points, TransferId};
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// Jobs drained into one transaction at most; bounds the latency of a batch.
+const MAX_BATCH: usize = 8192;
+/// Read connections; enough that the two runtime workers plus a blocking scan
+/// rarely wait for one.
+const READERS: usize = 4;
+/// Settled chains stay in memory this long, so replays and refunds of recent
+/// requests need no disk read; older ones are looked up in the file.
+const CHAIN_RETENTION_MS: i64 = 3600 * 1000;
+/// How long a replay waits for the first call's write to become durable.
+const DURABLE_WAIT_MS: u64 = 30_000;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE accounts (
+    key TEXT PRIMARY KEY,
+    budget INTEGER NOT NULL,
+    spent INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    period TEXT NOT NULL,
+    window_ms INTEGER NOT NULL
+);
+CREATE TABLE transfers (
+    seq INTEGER PRIMARY KEY,
+    id TEXT,
+    key TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    points INTEGER NOT NULL,
+    overage INTEGER NOT NULL DEFAULT 0,
+    remaining INTEGER NOT NULL DEFAULT 0,
+    period TEXT,
+    window_ms INTEGER,
+    reset_spent INTEGER,
+    actor TEXT NOT NULL,
+    note TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX transfers_chain ON transfers (id, kind) WHERE id IS NOT NULL;
+CREATE TABLE chains (
+    id TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    reserved INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    settled INTEGER,
+    owner TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    settled_ms INTEGER
+);
+CREATE INDEX chains_pending ON chains (state) WHERE state = 'pending';
+CREATE TABLE idem (
+    key TEXT NOT NULL,
+    idem_key TEXT NOT NULL,
+    body_hash BLOB NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER,
+    body BLOB,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (key, idem_key)
+);
+CREATE TABLE keys (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL UNIQUE,
+    record TEXT NOT NULL
+);
+CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+"#];
+
+fn storage(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(e.to_string())
+}
+
+/// A transfer chain as the embedded ledger tracks it in memory.
+#[derive(Debug, Clone)]
+struct Chain {
+    key: KeyId,
+    reserved: u64,
+    created_ms: i64,
+    reserve_remaining: u64,
+    state: ChainState,
+    /// The commit or void result, returned again on replay.
+    settled: Option<Settled>,
+    /// The refund result, returned again on replay.
+    refund: Option<Settled>,
+    settled_ms: i64,
+    /// Bumped by every transition; `durable` catches up once it is on disk.
+    version: u64,
+    durable: u64,
+}
+
+/// The transfer row a mutation appends.
+#[derive(Debug)]
+struct NewTransfer {
+    id: Option<TransferId>,
+    key: KeyId,
+    kind: &'static str,
+    points: u64,
+    overage: u64,
+    remaining: u64,
+    period: Option<Period>,
+    window_ms: Option<i64>,
+    reset_spent: Option<u64>,
+    actor: String,
+    note: String,
+    at_ms: i64,
+}
+
+#[derive(Debug)]
+enum ChainWrite {
+    Insert {
+        id: TransferId,
+        key: KeyId,
+        reserved: u64,
+        owner: Arc<str>,
+        created_ms: i64,
+    },
+    Transition {
+        id: TransferId,
+        state: ChainState,
+        settled: Option<u64>,
+        at_ms: i64,
+    },
+}
+
+type Finisher = Box<dyn FnOnce(Result<(), String>) + Send>;
+type CustomFn = Box<dyn FnOnce(&Connection) -> Finisher + Send>;
+
+/// A ledger mutation for the writer: the transfer, the chain change, and the
+/// account as it stands after this mutation (so the batch writes each touched
+/// account once, with the state matching the last transfer in the batch).
+struct WriteJob {
+    transfer: NewTransfer,
+    chain: Option<ChainWrite>,
+    account: (KeyId, AccountState),
+    /// Marks `(id, version)` durable in memory after the commit.
+    durable: Option<(TransferId, u64)>,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+enum Job {
+    Write(Box<WriteJob>),
+    /// Anything else (idempotency records, keys, ping), run inside a savepoint so
+    /// that its own failure is its caller's error, not the batch's.
+    Custom(CustomFn),
+}
+
+/// Set when a batch failed to commit; the in-memory state is then ahead of the
+/// file and the ledger refuses further work until reopened.
+#[derive(Default)]
+struct FailStop {
+    failed: AtomicBool,
+    why: Mutex<Option<String>>,
+}
+
+impl FailStop {
+    fn check(&self) -> Result<(), LedgerError> {
+        if self.failed.load(Ordering::Acquire) {
+            let why = self
+                .why
+                .lock()
+                .map(|w| w.clone().unwrap_or_default())
+                .unwrap_or_default();
+            return Err(LedgerError::Storage(format!(
+                "the embedded ledger stopped after a write failure ({why}); restart to recover"
+            )));
+        }
+        Ok(())
+    }
+
+    fn trip(&self, why: &str) {
+        if let Ok(mut w) = self.why.lock() {
+            w.get_or_insert_with(|| why.to_string());
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+}
+
+/// Read-only connections. A plain `std::sync::Mutex` per connection: reads are
+/// short point lookups done inline, never held across an `.await`.
+struct Readers {
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl Readers {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, LedgerError> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            if let Ok(conn) = self.conns[(start + i) % n].try_lock() {
+                return f(&conn).map_err(storage);
+            }
+        }
+        let conn = self.conns[start % n]
+            .lock()
+            .map_err(|_| LedgerError::Storage("reader connection poisoned".into()))?;
+        f(&conn).map_err(storage)
+    }
+}
+
+/// The embedded backend.
+pub(super) struct SqliteLedger {
+    accounts: DashMap<KeyId, AccountState>,
+    chains: Arc<DashMap<TransferId, Chain>>,
+    /// Serialises loading an evicted chain from the file with evicting chains,
+    /// so a chain is never re-loaded from a stale row.
+    load_lock: Mutex<()>,
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    fail: Arc<FailStop>,
+    readers: Arc<Readers>,
+    clock: SharedClock,
+    tz: chrono_tz::Tz,
+    policy: PendingPolicy,
+    ttl_ms: i64,
+    owner: Arc<str>,
+}
+
+impl Drop for SqliteLedger {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish its last batch and exit;
+        // joining makes a reopen of the same file see everything.
+        if let Ok(mut q) = self.queue.lock() {
+            q.take();
+        }
+        if let Ok(mut w) = self.writer.lock() {
+            if let Some(handle) = w.take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+fn open_conn(path: &std::path::Path) -> Result<Connection, LedgerError> {
+    let conn = Connection::open(path).map_err(storage)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(storage)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(storage)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(storage)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(storage)?;
+    let version = usize::try_from(version).unwrap_or(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction().map_err(storage)?;
+        tx.execute_batch(sql).map_err(storage)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(storage)?;
+        tx.commit().map_err(storage)?;
+    }
+    Ok(())
+}
+
+fn load_accounts(conn: &Connection) -> rusqlite::Result<Vec<AccountRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT key, budget, spent, reserved, period, window_ms FROM accounts ORDER BY key",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let period: String = r.get(4)?;
+        Ok(AccountRow {
+            key: r.get(0)?,
+            state: AccountState {
+                budget: to_u64(r.get(1)?),
+                spent: to_u64(r.get(2)?),
+                reserved: to_u64(r.get(3)?),
+                period: period.parse().unwrap_or(Period::None),
+                window_ms: r.get(5)?,
+            },
+        })
+    })?;
+    rows.collect()
+}
+
+fn load_chains(conn: &Connection, only_pending: bool) -> rusqlite::Result<Vec<(ChainRow, i64)>> {
+    let sql = if only_pending {
+        "SELECT id, key, reserved, state, settled, created_ms FROM chains WHERE state = 'pending'"
+    } else {
+        "SELECT id, key, reserved, state, settled, created_ms FROM chains ORDER BY id"
+    };
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            ChainRow {
+                id: r.get(0)?,
+                key: r.get(1)?,
+                reserved: r.get(2)?,
+                state: r.get(3)?,
+                settled: r.get(4)?,
+            },
+            r.get(5)?,
+        ))
+    })?;
+    rows.collect()
+}
+
+fn load_transfers(conn: &Connection) -> rusqlite::Result<Vec<TransferRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT seq, id, key, kind, points, period, window_ms, reset_spent FROM transfers ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(TransferRow {
+            seq: r.get(0)?,
+            id: r.get(1)?,
+            key: r.get(2)?,
+            kind: r.get(3)?,
+            points: r.get(4)?,
+            period: r.get(5)?,
+            window_ms: r.get(6)?,
+            reset_spent: r.get(7)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The reserve transfer's key, points and remaining for a chain in the file.
+fn stored_reserve(conn: &Connection, id: &str) -> rusqlite::Result<Option<(String, i64, i64)>> {
+    conn.prepare_cached(
+        "SELECT key, points, remaining FROM transfers WHERE id = ?1 AND kind = 'reserve'",
+    )?
+    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    .optional()
+}
+
+/// A chain's state and its settlement transfers as stored in the file.
+struct StoredChain {
+    key: String,
+    reserved: i64,
+    state: ChainState,
+    created_ms: i64,
+    reserve_remaining: i64,
+    /// (kind, points, overage, remaining) of the commit/void/refund rows.
+    settlements: Vec<(String, i64, i64, i64)>,
+}
+
+fn stored_chain(conn: &Connection, id: &str) -> rusqlite::Result<Option<StoredChain>> {
+    let head = conn
+        .prepare_cached("SELECT key, reserved, state, created_ms FROM chains WHERE id = ?1")?
+        .query_row([id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((key, reserved, state, created_ms)) = head else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT kind, points, overage, remaining FROM transfers WHERE id = ?1 ORDER BY seq",
+    )?;
+    let mut settlements = Vec::new();
+    let mut reserve_remaining = 0;
+    for row in stmt.query_map([id], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    })? {
+        let row = row?;
+        if row.0 == "reserve" {
+            reserve_remaining = row.3;
+        } else {
+            settlements.push(row);
+        }
+    }
+    Ok(Some(StoredChain {
+        key,
+        reserved,
+        state: ChainState::parse(&state).unwrap_or(ChainState::Pending),
+        created_ms,
+        reserve_remaining,
+        settlements,
+    }))
+}
+
+impl StoredChain {
+    fn settled(&self, id: &TransferId, kind: SettleKind) -> Option<Settled> {
+        self.settlements
+            .iter()
+            .find(|s| s.0 == kind.as_str())
+            .map(|s| Settled {
+                key: KeyId(self.key.clone()),
+                id: id.clone(),
+                kind,
+                points: Points(to_u64(s.1)),
+                overage: Points(to_u64(s.2)),
+                remaining: Points(to_u64(s.3)),
+                replay: true,
+            })
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    chains: Arc<DashMap<TransferId, Chain>>,
+    fail: Arc<FailStop>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::with_capacity(64);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if fail.failed.load(Ordering::Acquire) {
+            finish_all(
+                batch,
+                Err("ledger stopped after an earlier write failure".into()),
+            );
+            continue;
+        }
+        match write_batch(&mut conn, batch) {
+            Ok(done) => {
+                for (durable, finish) in done {
+                    if let Some((id, version)) = durable {
+                        if let Some(mut c) = chains.get_mut(&id) {
+                            c.durable = c.durable.max(version);
+                        }
+                    }
+                    finish(Ok(()));
+                }
+            }
+            Err((e, batch)) => {
+                tracing::error!(error = %e, "ledger batch failed to commit; stopping the ledger");
+                fail.trip(&e);
+                finish_all(batch, Err(e));
+            }
+        }
+    }
+}
+
+fn finish_all(batch: Vec<Job>, res: Result<(), String>) {
+    for job in batch {
+        match job {
+            Job::Write(w) => {
+                let _ = w.reply.send(res.clone());
+            }
+            Job::Custom(f) => {
+                // The closure was never run; there is no connection to give it.
+                drop(f);
+            }
+        }
+    }
+}
+
+type Done = Vec<(Option<(TransferId, u64)>, Finisher)>;
+
+/// Writes one batch in one transaction. On failure the whole batch is handed
+/// back so that every caller learns of it.
+#[allow(clippy::type_complexity)]
+fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> Result<Done, (String, Vec<Job>)> {
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return Err((e.to_string(), batch)),
+    };
+    let mut done: Done = Vec::with_capacity(batch.len());
+    let mut touched: HashMap<KeyId, AccountState> = HashMap::new();
+    let mut failed: Option<rusqlite::Error> = None;
+    let mut rest = Vec::new();
+    let mut iter = batch.into_iter();
+    for job in iter.by_ref() {
+        match job {
+            Job::Write(w) => match apply_write(&tx, &w) {
+                Ok(()) => {
+                    let WriteJob {
+                        account,
+                        durable,
+                        reply,
+                        ..
+                    } = *w;
+                    touched.insert(account.0, account.1);
+                    done.push((
+                        durable,
+                        Box::new(move |res| {
+                            let _ = reply.send(res);
+                        }),
+                    ));
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    rest.push(Job::Write(w));
+                    break;
+                }
+            },
+            Job::Custom(f) => {
+                if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+                    failed = Some(e);
+                    break;
+                }
+                let finish = f(&tx);
+                done.push((None, finish));
+                if let Err(e) = tx.execute_batch("RELEASE job") {
+                    failed = Some(e);
+                    break;
+                }
+                continue;
+            }
+        }
+    }
+    let outcome = match failed {
+        Some(e) => Err(e),
+        None => write_accounts(&tx, &touched),
+    };
+    let outcome = outcome.and_then(|()| tx.commit());
+    match outcome {
+        Ok(()) => Ok(done),
+        Err(e) => {
+            let msg = e.to_string();
+            for (_, finish) in done {
+                finish(Err(msg.clone()));
+            }
+            rest.extend(iter);
+            Err((msg, rest))
+        }
+    }
+}
+
+/// Writes each account touched by the batch once, as it stands after the
+/// batch's last transfer for it.
+fn write_accounts(tx: &Connection, touched: &HashMap<KeyId, AccountState>) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO accounts (key, budget, spent, reserved, period, window_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (key) DO UPDATE SET \
+                 budget = excluded.budget, spent = excluded.spent, reserved = excluded.reserved, \
+                 period = excluded.period, window_ms = excluded.window_ms",
+    )?;
+    for (key, a) in touched {
+        stmt.execute(params![
+            key.as_str(),
+            a.budget as i64,
+            a.spent as i64,
+            a.reserved as i64,
+            a.period.as_str(),
+            a.window_ms
+        ])?;
+    }
+    Ok(())
+}
+
+fn apply_write(conn: &Connection, w: &WriteJob) -> rusqlite::Result<()> {
+    match &w.chain {
+        Some(ChainWrite::Insert {
+            id,
+            key,
+            reserved,
+            owner,
+            created_ms,
+        }) => {
+            conn.prepare_cached(
+                "INSERT INTO chains (id, key, reserved, state, owner, created_ms) \
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+            )?
+            .execute(params![
+                id.as_str(),
+                key.as_str(),
+                *reserved as i64,
+                &**owner,
+                created_ms
+            ])?;
+        }
+        Some(ChainWrite::Transition {
+            id,
+            state,
+            settled,
+            at_ms,
+        }) => {
+            conn.prepare_cached(
+                "UPDATE chains SET state = ?2, settled = COALESCE(?3, settled), settled_ms = ?4 \
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                id.as_str(),
+                state.as_str(),
+                settled.map(|s| s as i64),
+                at_ms
+            ])?;
+        }
+        None => {}
+    }
+    let t = &w.transfer;
+    conn.prepare_cached(
+        "INSERT INTO transfers (id, key, kind, points, overage, remaining, period, window_ms, \
+         reset_spent, actor, note, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        t.id.as_ref().map(|i| i.as_str()),
+        t.key.as_str(),
+        t.kind,
+        t.points as i64,
+        t.overage as i64,
+        t.remaining as i64,
+        t.period.map(|p| p.as_str()),
+        t.window_ms,
+        t.reset_spent.map(|s| s as i64),
+        t.actor,
+        t.note,
+        t.at_ms
+    ])?;
+    Ok(())
+}
+
+/// What an administrative transfer records besides its kind.
+#[derive(Debug, Clone, Copy)]
+struct Change {
+    points: u64,
+    period: Option<Period>,
+    window_ms: Option<i64>,
+}
+
+impl Change {
+    fn points(points: u64) -> Change {
+        Change {
+            points,
+            period: None,
+            window_ms: None,
+        }
+    }
+}
+
+/// Points above `i64::MAX` cannot be stored; refuse them before deciding anything.
+fn storable(points: Points) -> Result<u64, LedgerError> {
+    to_i64(points.get()).map(|_| points.get())
+}
+
+impl SqliteLedger {
+    pub(super) async fn open(
+        cfg: &LedgerConfig,
+        clock: SharedClock,
+    ) -> Result<SqliteLedger, LedgerError> {
+        let path = cfg
+            .path
+            .clone()
+            .ok_or_else(|| LedgerError::Config("ledger.path is not set".into()))?;
+        let tz = cfg.tz()?;
+        let open = tokio::task::spawn_blocking(move || -> Result<_, LedgerError> {
+            if let Some(dir) = path.parent() {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(dir).map_err(storage)?;
+                }
+            }
+            let mut writer = open_conn(&path)?;
+            migrate(&mut writer)?;
+            let accounts = load_accounts(&writer).map_err(storage)?;
+            let pending = load_chains(&writer, true).map_err(storage)?;
+            let mut pending_full = Vec::with_capacity(pending.len());
+            for (row, created) in pending {
+                let remaining = stored_reserve(&writer, &row.id)
+                    .map_err(storage)?
+                    .map(|r| r.2)
+                    .unwrap_or(0);
+                pending_full.push((row, created, remaining));
+            }
+            let mut readers = Vec::with_capacity(READERS);
+            for _ in 0..READERS {
+                let r = open_conn(&path)?;
+                r.pragma_update(None, "query_only", "ON").map_err(storage)?;
+                readers.push(Mutex::new(r));
+            }
+            Ok((writer, accounts, pending_full, readers))
+        })
+        .await
+        .map_err(storage)??;
+        let (writer_conn, accounts, pending, readers) = open;
+
+        let chains = Arc::new(DashMap::new());
+        let fail = Arc::new(FailStop::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = {
+            let chains = Arc::clone(&chains);
+            let fail = Arc::clone(&fail);
+            std::thread::Builder::new()
+                .name("ledger-writer".into())
+                .spawn(move || writer_loop(writer_conn, rx, chains, fail))
+                .map_err(storage)?
+        };
+        let ledger = SqliteLedger {
+            accounts: accounts
+                .into_iter()
+                .map(|a| (KeyId(a.key), a.state))
+                .collect(),
+            chains,
+            load_lock: Mutex::new(()),
+            queue: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            fail,
+            readers: Arc::new(Readers {
+                conns: readers,
+                next: AtomicUsize::new(0),
+            }),
+            clock,
+            tz,
+            policy: cfg.pending_policy,
+            ttl_ms: i64::try_from(cfg.pending_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            owner: Arc::from(cfg.instance_name()),
+        };
+        let mut orphans = Vec::with_capacity(pending.len());
+        for (row, created_ms, remaining) in pending {
+            let id = TransferId(row.id);
+            orphans.push((id.clone(), to_u64(row.reserved)));
+            ledger.chains.insert(
+                id,
+                Chain {
+                    key: KeyId(row.key),
+                    reserved: to_u64(row.reserved),
+                    created_ms,
+                    reserve_remaining: to_u64(remaining),
+                    state: ChainState::Pending,
+                    settled: None,
+                    refund: None,
+                    settled_ms: 0,
+                    version: 1,
+                    durable: 1,
+                },
+            );
+        }
+        // One process owns the file, so everything still pending was left by a
+        // process that stopped without settling it.
+        if !orphans.is_empty() {
+            tracing::warn!(
+                count = orphans.len(),
+                policy = ?ledger.policy,
+                "resolving reservations left pending by the previous run"
+            );
+        }
+        let note = policy_note(
+            ledger.policy,
+            "pending at startup (the previous run stopped without settling it)",
+        );
+        for (id, reserved) in orphans {
+            ledger.resolve(&id, reserved, "recovery", &note).await?;
+        }
+        Ok(ledger)
+    }
+
+    fn send(&self, job: Job) -> Result<(), LedgerError> {
+        let q = self
+            .queue
+            .lock()
+            .map_err(|_| LedgerError::Storage("ledger queue poisoned".into()))?;
+        match q.as_ref() {
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| LedgerError::Storage("ledger writer has stopped".into())),
+            None => Err(LedgerError::Storage("ledger is closed".into())),
+        }
+    }
+
+    async fn wait(rx: oneshot::Receiver<Result<(), String>>) -> Result<(), LedgerError> {
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(LedgerError::Storage(e)),
+            Err(_) => Err(LedgerError::Storage(
+                "ledger writer dropped the request".into(),
+            )),
+        }
+    }
+
+    /// Runs `f` inside the writer's next transaction and returns its value after
+    /// the transaction committed.
+    async fn custom<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        self.fail.check()?;
+        let (tx, rx) = oneshot::channel::<Result<T, LedgerError>>();
+        let job = Job::Custom(Box::new(move |conn: &Connection| -> Finisher {
+            match f(conn) {
+                Ok(v) => Box::new(move |res: Result<(), String>| {
+                    let _ = tx.send(res.map(|()| v).map_err(LedgerError::Storage));
+                }),
+                Err(e) => {
+                    // Undo only this job's statements; the batch goes on.
+                    let _ = conn.execute_batch("ROLLBACK TO job");
+                    let msg = e.to_string();
+                    Box::new(move |_res: Result<(), String>| {
+                        let _ = tx.send(Err(LedgerError::Storage(msg)));
+                    })
+                }
+            }
+        }));
+        self.send(job)?;
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(LedgerError::Storage(
+                "ledger writer dropped the request".into(),
+            )),
+        }
+    }
+
+    /// Waits until the chain's latest transition is on disk, so a replay never
+    /// reports something a crash could still undo.
+    async fn wait_durable(&self, id: &TransferId) -> Result<(), LedgerError> {
+        let deadline =
+            tokio::time::Instant::now() + std::time::Duration::from_millis(DURABLE_WAIT_MS);
+        loop {
+            self.fail.check()?;
+            match self.chains.get(id) {
+                Some(c) if c.durable < c.version => {}
+                _ => return Ok(()),
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(LedgerError::Storage(format!(
+                    "transfer {id} is not durable yet"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    pub(super) async fn admin(
+        &self,
+        key: &KeyId,
+        op: AdminOp,
+        actor: &str,
+        note: &str,
+    ) -> Result<AccountView, LedgerError> {
+        self.fail.check()?;
+        let now = now_ms(&self.clock);
+        let (tx, rx) = oneshot::channel();
+        let state = match op {
+            AdminOp::Open { budget, period } => {
+                let budget = storable(budget)?;
+                match self.accounts.entry(key.clone()) {
+                    Entry::Occupied(_) => {
+                        return Err(LedgerError::Conflict(format!(
+                            "account {key} already exists"
+                        )))
+                    }
+                    Entry::Vacant(v) => {
+                        let window = window_for(period, self.tz, now);
+                        let state = AccountState {
+                            budget,
+                            spent: 0,
+                            reserved: 0,
+                            period,
+                            window_ms: window,
+                        };
+                        // Queued while the account's lock is held, so no other
+                        // change to it can be written before its opening.
+                        let guard = v.insert(state);
+                        let change = Change {
+                            points: budget,
+                            period: Some(period),
+                            window_ms: Some(window),
+                        };
+                        self.enqueue_admin(key, op, state, change, actor, note, now, tx)?;
+                        drop(guard);
+                        state
+                    }
+                }
+            }
+            _ => {
+                let mut acc = self
+                    .accounts
+                    .get_mut(key)
+                    .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))?;
+                let mut next = *acc;
+                let change = match op {
+                    AdminOp::Budget(b) => {
+                        next.budget = storable(b)?;
+                        Change::points(next.budget)
+                    }
+                    AdminOp::TopUp(p) => {
+                        let p = storable(p)?;
+                        next.budget = next
+                            .budget
+                            .checked_add(p)
+                            .filter(|b| to_i64(*b).is_ok())
+                            .ok_or_else(|| LedgerError::Conflict("budget overflow".into()))?;
+                        Change::points(p)
+                    }
+                    AdminOp::Period(p) => {
+                        next.period = p;
+                        next.window_ms = window_for(p, self.tz, now);
+                        Change {
+                            points: 0,
+                            period: Some(p),
+                            window_ms: Some(next.window_ms),
+                        }
+                    }
+                    AdminOp::Open { .. } => Change::points(0),
+                };
+                *acc = next;
+                self.enqueue_admin(key, op, next, change, actor, note, now, tx)?;
+                next
+            }
+        };
+        Self::wait(rx).await?;
+        Ok(state.view(key, now, self.tz))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_admin(
+        &self,
+        key: &KeyId,
+        op: AdminOp,
+        state: AccountState,
+        change: Change,
+        actor: &str,
+        note: &str,
+        now: i64,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) -> Result<(), LedgerError> {
+        self.send(Job::Write(Box::new(WriteJob {
+            transfer: NewTransfer {
+                id: None,
+                key: key.clone(),
+                kind: op.kind(),
+                points: change.points,
+                overage: 0,
+                remaining: state.remaining(),
+                period: change.period,
+                window_ms: change.window_ms,
+                reset_spent: None,
+                actor: actor.to_string(),
+                note: note.to_string(),
+                at_ms: now,
+            },
+            chain: None,
+            account: (key.clone(), state),
+            durable: None,
+            reply,
+        })))
+    }
+
+    pub(super) async fn account(&self, key: &KeyId) -> Result<AccountView, LedgerError> {
+        let now = now_ms(&self.clock);
+        self.accounts
+            .get(key)
+            .map(|a| a.view(key, now, self.tz))
+            .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))
+    }
+
+    pub(super) async fn accounts(&self) -> Result<Vec<AccountView>, LedgerError> {
+        let now = now_ms(&self.clock);
+        let mut all: Vec<AccountView> = self
+            .accounts
+            .iter()
+            .map(|a| a.value().view(a.key(), now, self.tz))
+            .collect();
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(all)
+    }
+
+    pub(super) async fn reserve(
+        &self,
+        key: &KeyId,
+        points: Points,
+        id: &TransferId,
+    ) -> Result<Reserved, LedgerError> {
+        self.fail.check()?;
+        let points = storable(points)?;
+        // A chain settled long ago is no longer in memory; its id is still taken.
+        if !self.chains.contains_key(id) {
+            let idc = id.clone();
+            if let Some((k, p, rem)) = self
+                .readers
+                .read(move |c| stored_reserve(c, idc.as_str()))?
+            {
+                return reserve_replay(key, id, &k, to_u64(p), to_u64(rem));
+            }
+        }
+        let now = now_ms(&self.clock);
+        let (tx, rx) = oneshot::channel();
+        let reserved = match self.chains.entry(id.clone()) {
+            Entry::Occupied(e) => {
+                let c = e.get();
+                let (ck, cp, crem) = (c.key.clone(), c.reserved, c.reserve_remaining);
+                drop(e);
+                self.wait_durable(id).await?;
+                return reserve_replay(key, id, ck.as_str(), cp, crem);
+            }
+            Entry::Vacant(v) => {
+                let mut acc = self
+                    .accounts
+                    .get_mut(key)
+                    .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))?;
+                let mut next = *acc;
+                let reset = next.reset_if_due(now, self.tz);
+                // The admission decision: one compare-and-update under the
+                // account's lock.
+                let fits = next
+                    .spent
+                    .checked_add(next.reserved)
+                    .and_then(|u| u.checked_add(points))
+                    .is_some_and(|total| total <= next.budget);
+                if !fits {
+                    return Err(LedgerError::Insufficient {
+                        needed: Points(points),
+                        remaining: Points(next.remaining()),
+                    });
+                }
+                next.reserved += points;
+                *acc = next;
+                let remaining = next.remaining();
+                v.insert(Chain {
+                    key: key.clone(),
+                    reserved: points,
+                    created_ms: now,
+                    reserve_remaining: remaining,
+                    state: ChainState::Pending,
+                    settled: None,
+                    refund: None,
+                    settled_ms: 0,
+                    version: 1,
+                    durable: 0,
+                });
+                self.send(Job::Write(Box::new(WriteJob {
+                    transfer: NewTransfer {
+                        id: Some(id.clone()),
+                        key: key.clone(),
+                        kind: "reserve",
+                        points,
+                        overage: 0,
+                        remaining,
+                        period: None,
+                        window_ms: reset.map(|_| next.window_ms),
+                        reset_spent: reset,
+                        actor: "gate".into(),
+                        note: String::new(),
+                        at_ms: now,
+                    },
+                    chain: Some(ChainWrite::Insert {
+                        id: id.clone(),
+                        key: key.clone(),
+                        reserved: points,
+                        owner: Arc::clone(&self.owner),
+                        created_ms: now,
+                    }),
+                    account: (key.clone(), next),
+                    durable: Some((id.clone(), 1)),
+                    reply: tx,
+                })))?;
+                Reserved {
+                    key: key.clone(),
+                    points: Points(points),
+                    remaining: Points(remaining),
+                }
+            }
+        };
+        Self::wait(rx).await?;
+        Ok(reserved)
+    }
+
+    /// Brings a chain that was evicted from memory back, for a refund.
+    fn load_chain(&self, id: &TransferId) -> Result<bool, LedgerError> {
+        let _guard = self
+            .load_lock
+            .lock()
+            .map_err(|_| LedgerError::Storage("ledger load lock poisoned".into()))?;
+        if self.chains.contains_key(id) {
+            return Ok(true);
+        }
+        let idc = id.clone();
+        let Some(sc) = self.readers.read(move |c| stored_chain(c, idc.as_str()))? else {
+            return Ok(false);
+        };
+        let settled = sc
+            .settled(id, SettleKind::Commit)
+            .or_else(|| sc.settled(id, SettleKind::Void));
+        let refund = sc.settled(id, SettleKind::Refund);
+        self.chains.insert(
+            id.clone(),
+            Chain {
+                key: KeyId(sc.key.clone()),
+                reserved: to_u64(sc.reserved),
+                created_ms: sc.created_ms,
+                reserve_remaining: to_u64(sc.reserve_remaining),
+                state: sc.state,
+                settled,
+                refund,
+                // Kept for a full retention period from now, so the eviction
+                // sweep does not take it away before the caller uses it.
+                settled_ms: now_ms(&self.clock),
+                version: 1,
+                durable: 1,
+            },
+        );
+        Ok(true)
+    }
+
+    pub(super) async fn settle(
+        &self,
+        id: &TransferId,
+        how: Settle,
+        actor: &str,
+        note: &str,
+    ) -> Result<Settled, LedgerError> {
+        self.fail.check()?;
+        if let Settle::Commit(p) = how {
+            storable(p)?;
+        }
+        if !self.chains.contains_key(id) && !self.load_chain(id)? {
+            return Err(LedgerError::UnknownTransfer(id.clone()));
+        }
+        let now = now_ms(&self.clock);
+        let (tx, rx) = oneshot::channel();
+        let settled = {
+            let Some(mut ch) = self.chains.get_mut(id) else {
+                return Err(LedgerError::Conflict(format!(
+                    "transfer {id} was evicted while being settled; retry"
+                )));
+            };
+            let allowed = matches!(
+                (how, ch.state),
+                (Settle::Commit(_) | Settle::Void, ChainState::Pending)
+                    | (Settle::Refund, ChainState::Committed)
+            );
+            if !allowed {
+                let refusal = settle_refusal(id, how, ch.state);
+                let first = match how {
+                    Settle::Refund => ch.refund.clone(),
+                    _ => ch.settled.clone(),
+                };
+                drop(ch);
+                return match refusal {
+                    Refusal::Conflict(msg) => Err(LedgerError::Conflict(msg)),
+                    Refusal::Replay(_) => {
+                        self.wait_durable(id).await?;
+                        first
+                            .map(|mut s| {
+                                s.replay = true;
+                                s
+                            })
+                            .ok_or_else(|| {
+                                LedgerError::Storage(format!("transfer {id} lost its first result"))
+                            })
+                    }
+                };
+            }
+            let mut acc = self
+                .accounts
+                .get_mut(&ch.key)
+                .ok_or_else(|| LedgerError::UnknownAccount(ch.key.clone()))?;
+            let mut next = *acc;
+            let (points, overage, reset, state, settled_points) = match how {
+                Settle::Commit(p) => {
+                    let p = p.get();
+                    let reset = next.reset_if_due(now, self.tz);
+                    let others = next.reserved.saturating_sub(ch.reserved);
+                    let available = next
+                        .budget
+                        .saturating_sub(next.spent)
+                        .saturating_sub(others);
+                    let overage = p.saturating_sub(available);
+                    next.reserved = others;
+                    next.spent = next
+                        .spent
+                        .checked_add(p)
+                        .filter(|s| to_i64(*s).is_ok())
+                        .ok_or_else(|| LedgerError::Conflict("spent overflow".into()))?;
+                    (p, overage, reset, ChainState::Committed, Some(p))
+                }
+                Settle::Void => {
+                    next.reserved = next.reserved.saturating_sub(ch.reserved);
+                    (ch.reserved, 0, None, ChainState::Voided, None)
+                }
+                Settle::Refund => {
+                    let p = ch.settled.as_ref().map_or(0, |s| s.points.get());
+                    let reset = next.reset_if_due(now, self.tz);
+                    next.spent = next.spent.saturating_sub(p);
+                    (p, 0, reset, ChainState::Refunded, None)
+                }
+            };
+            *acc = next;
+            let key = ch.key.clone();
+            let settled = Settled {
+                key: key.clone(),
+                id: id.clone(),
+                kind: how.kind(),
+                points: Points(points),
+                overage: Points(overage),
+                remaining: Points(next.remaining()),
+                replay: false,
+            };
+            ch.version += 1;
+            ch.state = state;
+            ch.settled_ms = now;
+            match how {
+                Settle::Refund => ch.refund = Some(settled.clone()),
+                _ => ch.settled = Some(settled.clone()),
+            }
+            let version = ch.version;
+            self.send(Job::Write(Box::new(WriteJob {
+                transfer: NewTransfer {
+                    id: Some(id.clone()),
+                    key: key.clone(),
+                    kind: how.kind().as_str(),
+                    points,
+                    overage,
+                    remaining: next.remaining(),
+                    period: None,
+                    window_ms: reset.map(|_| next.window_ms),
+                    reset_spent: reset,
+                    actor: actor.to_string(),
+                    note: note.to_string(),
+                    at_ms: now,
+                },
+                chain: Some(ChainWrite::Transition {
+                    id: id.clone(),
+                    state,
+                    settled: settled_points,
+                    at_ms: now,
+                }),
+                account: (key, next),
+                durable: Some((id.clone(), version)),
+                reply: tx,
+            })))?;
+            settled
+        };
+        Self::wait(rx).await?;
+        Ok(settled)
+    }
+
+    /// Resolves one pending chain by the policy.
+    async fn resolve(
+        &self,
+        id: &TransferId,
+        reserved: u64,
+        actor: &str,
+        note: &str,
+    ) -> Result<Settled, LedgerError> {
+        let how = match self.policy {
+            PendingPolicy::Charge => Settle::Commit(Points(reserved)),
+            PendingPolicy::Void => Settle::Void,
+        };
+        self.settle(id, how, actor, note).await
+    }
+
+    pub(super) async fn expire_pending(&self) -> Result<Vec<Settled>, LedgerError> {
+        self.fail.check()?;
+        let now = now_ms(&self.clock);
+        let cutoff = now.saturating_sub(self.ttl_ms);
+        let due: Vec<(TransferId, u64)> = self
+            .chains
+            .iter()
+            .filter(|c| c.state == ChainState::Pending && c.created_ms <= cutoff)
+            .map(|c| (c.key().clone(), c.reserved))
+            .collect();
+        let note = policy_note(self.policy, "pending longer than pending_ttl_secs");
+        let mut out = Vec::with_capacity(due.len());
+        for (id, reserved) in due {
+            match self.resolve(&id, reserved, "expiry", &note).await {
+                Ok(s) if !s.replay => out.push(s),
+                Ok(_) => {}
+                // The gate settled it meanwhile: nothing to expire.
+                Err(LedgerError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Housekeeping rides on the same periodic call: forget old settled
+        // chains (they stay in the file) and old idempotency records.
+        {
+            let _guard = self
+                .load_lock
+                .lock()
+                .map_err(|_| LedgerError::Storage("ledger load lock poisoned".into()))?;
+            let old = now.saturating_sub(CHAIN_RETENTION_MS);
+            self.chains.retain(|_, c| {
+                c.state == ChainState::Pending || c.durable < c.version || c.settled_ms >= old
+            });
+        }
+        let idem_cutoff = now.saturating_sub(IDEM_RETENTION_MS);
+        self.custom(move |c| {
+            c.prepare_cached("DELETE FROM idem WHERE created_ms < ?1")?
+                .execute([idem_cutoff])
+        })
+        .await?;
+        Ok(out)
+    }
+
+    pub(super) async fn pending_count(&self) -> Result<u64, LedgerError> {
+        Ok(self
+            .chains
+            .iter()
+            .filter(|c| c.state == ChainState::Pending)
+            .count() as u64)
+    }
+
+    pub(super) async fn verify(&self) -> Result<VerifyReport, LedgerError> {
+        // Everything decided so far is written first, so the file is compared
+        // with the latest records.
+        self.close().await?;
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            readers.read(|c| {
+                // One read transaction: the three tables from one snapshot.
+                c.execute_batch("BEGIN")?;
+                #[allow(clippy::type_complexity)]
+                let res: rusqlite::Result<(
+                    Vec<TransferRow>,
+                    Vec<AccountRow>,
+                    Vec<ChainRow>,
+                )> = (|| {
+                    let t = load_transfers(c)?;
+                    let a = load_accounts(c)?;
+                    let ch: Vec<ChainRow> =
+                        load_chains(c, false)?.into_iter().map(|x| x.0).collect();
+                    Ok((t, a, ch))
+                })();
+                let _ = c.execute_batch("COMMIT");
+                let (t, a, ch) = res?;
+                Ok(replay_verify(&t, &a, &ch))
+            })
+        })
+        .await
+        .map_err(storage)?
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), LedgerError> {
+        let now = now_ms(&self.clock);
+        self.custom(move |c| {
+            c.prepare_cached("INSERT OR REPLACE INTO meta (k, v) VALUES ('ping', ?1)")?
+                .execute([now.to_string()])
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub(super) async fn close(&self) -> Result<(), LedgerError> {
+        self.custom(|_| Ok(())).await
+    }
+
+    pub(super) async fn idem_begin(
+        &self,
+        key: &KeyId,
+        idem_key: &str,
+        body_hash: &[u8; 32],
+    ) -> Result<IdemBegin, LedgerError> {
+        let (key, idem_key, hash) = (key.0.clone(), idem_key.to_string(), body_hash.to_vec());
+        let now = now_ms(&self.clock);
+        self.custom(move |c| {
+            let existing = c
+                .prepare_cached(
+                    "SELECT body_hash, state, status, body FROM idem WHERE key = ?1 AND idem_key = ?2",
+                )?
+                .query_row(params![key, idem_key], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<Vec<u8>>>(3)?,
+                    ))
+                })
+                .optional()?;
+            Ok(match existing {
+                None => {
+                    c.prepare_cached(
+                        "INSERT INTO idem (key, idem_key, body_hash, state, created_ms) \
+                         VALUES (?1, ?2, ?3, 'inflight', ?4)",
+                    )?
+                    .execute(params![key, idem_key, hash, now])?;
+                    IdemBegin::New
+                }
+                Some(row) => idem_outcome(&hash, &row.0, &row.1, row.2, row.3),
+            })
+        })
+        .await
+    }
+
+    pub(super) async fn idem_finish(
+        &self,
+        key: &KeyId,
+        idem_key: &str,
+        answer: &StoredAnswer,
+    ) -> Result<(), LedgerError> {
+        let (key, idem_key) = (key.0.clone(), idem_key.to_string());
+        let (status, body) = (i64::from(answer.status), answer.body.clone());
+        self.custom(move |c| {
+            c.prepare_cached(
+                "UPDATE idem SET state = 'done', status = ?3, body = ?4 WHERE key = ?1 AND idem_key = ?2",
+            )?
+            .execute(params![key, idem_key, status, body])
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub(super) async fn idem_abandon(
+        &self,
+        key: &KeyId,
+        idem_key: &str,
+    ) -> Result<(), LedgerError> {
+        let (key, idem_key) = (key.0.clone(), idem_key.to_string());
+        self.custom(move |c| {
+            c.prepare_cached(
+                "DELETE FROM idem WHERE key = ?1 AND idem_key = ?2 AND state = 'inflight'",
+            )?
+            .execute(params![key, idem_key])
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub(super) async fn put_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+        let json = serde_json::to_string(rec).map_err(storage)?;
+        let (id, hash) = (rec.id.0.clone(), rec.secret_hash.clone());
+        let taken = self
+            .custom(move |c| {
+                let other: Option<String> = c
+                    .prepare_cached("SELECT id FROM keys WHERE secret_hash = ?1 AND id <> ?2")?
+                    .query_row(params![hash, id], |r| r.get(0))
+                    .optional()?;
+                if other.is_none() {
+                    c.prepare_cached(
+                        "INSERT INTO keys (id, secret_hash, record) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash, \
+                         record = excluded.record",
+                    )?
+                    .execute(params![id, hash, json])?;
+                }
+                Ok(other)
+            })
+            .await?;
+        match taken {
+            Some(other) => Err(LedgerError::Conflict(format!(
+                "that secret already belongs to key {other}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    pub(super) async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, LedgerError> {
+        let id = id.0.clone();
+        let json: Option<String> = self.readers.read(move |c| {
+            c.prepare_cached("SELECT record FROM keys WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()
+        })?;
+        json.map(|j| parse_key(&j)).transpose()
+    }
+
+    pub(super) async fn key_by_hash(
+        &self,
+        secret_hash: &str,
+    ) -> Result<Option<KeyRecord>, LedgerError> {
+        let hash = secret_hash.to_string();
+        let json: Option<String> = self.readers.read(move |c| {
+            c.prepare_cached("SELECT record FROM keys WHERE secret_hash = ?1")?
+                .query_row([hash], |r| r.get(0))
+                .optional()
+        })?;
+        json.map(|j| parse_key(&j)).transpose()
+    }
+
+    pub(super) async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
+        let all: Vec<String> = self.readers.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT record FROM keys ORDER BY id")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })?;
+        all.iter().map(|j| parse_key(j)).collect()
+    }
+}
+
+pub(super) fn parse_key(json: &str) -> Result<KeyRecord, LedgerError> {
+    serde_json::from_str(json).map_err(|e| LedgerError::Storage(format!("bad key record: {e}")))
+}
+
+/// The answer to a reserve whose id is already taken.
+pub(super) fn reserve_replay(
+    key: &KeyId,
+    id: &TransferId,
+    stored_key: &str,
+    points: u64,
+    remaining: u64,
+) -> Result<Reserved, LedgerError> {
+    if stored_key != key.as_str() {
+        return Err(LedgerError::Conflict(format!(
+            "transfer {id} already belongs to another key"
+        )));
+    }
+    Ok(Reserved {
+        key: key.clone(),
+        points: Points(points),
+        remaining: Points(remaining),
+    })
+}
+
+/// Compares a stored idempotency record with a new submit.
+pub(super) fn idem_outcome(
+    hash: &[u8],
+    stored_hash: &[u8],
+    state: &str,
+    status: Option<i64>,
+    body: Option<Vec<u8>>,
+) -> IdemBegin {
+    if stored_hash != hash {
+        return IdemBegin::Mismatch;
+    }
+    match (state, status) {
+        ("done", Some(status)) => IdemBegin::Replay(StoredAnswer {
+            status: u16::try_from(status).unwrap_or(500),
+            body: body.unwrap_or_default(),
+        }),
+        _ => IdemBegin::InFlight,
+    }
+}

@@ -1,0 +1,1091 @@
+//! The ledger conformance suite: every behaviour runs against the embedded
+//! SQLite ledger and against PostgreSQL (`GATE_TEST_POSTGRES_URL`), plus a
+//! SIGKILL crash test of the embedded ledger.
+
+use chrono::{DateTime, Duration, Utc};
+use chuzhan_gate::clock::{ManualClock, SharedClock, SystemClock};
+use chuzhan_gate::keys::KeyRecord;
+use chuzhan_gate::ledger::{
+    verify_cmd, BackendKind, IdemBegin, Ledger, LedgerConfig, LedgerError, PendingPolicy, Period,
+    SettleKind, StoredAnswer,
+};
+use chuzhan_gate::points::{KeyId, Points, TransferId};
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+// ---------------------------------------------------------------------------
+// Fixture: one store per test (a temp SQLite file, or a fresh PostgreSQL schema).
+
+enum Store {
+    Sqlite(tempfile::TempDir),
+    Postgres { url: String, schema: String },
+}
+
+struct Fx {
+    store: Store,
+}
+
+static SCHEMA_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Fx {
+    fn sqlite() -> Fx {
+        Fx {
+            store: Store::Sqlite(tempfile::tempdir().expect("temp dir")),
+        }
+    }
+
+    /// `None` (with a loud line) when `GATE_TEST_POSTGRES_URL` is unset. When it
+    /// is set, an unreachable server fails the test in `open`.
+    fn postgres() -> Option<Fx> {
+        let Ok(url) = std::env::var("GATE_TEST_POSTGRES_URL") else {
+            eprintln!(
+                "GATE_TEST_POSTGRES_URL is not set: the PostgreSQL half of the ledger conformance suite was NOT run"
+            );
+            return None;
+        };
+        let schema = format!(
+            "lt_{}_{}_{:08x}",
+            std::process::id(),
+            SCHEMA_SEQ.fetch_add(1, Ordering::SeqCst),
+            rand::random::<u32>()
+        );
+        Some(Fx {
+            store: Store::Postgres { url, schema },
+        })
+    }
+
+    fn cfg(&self) -> LedgerConfig {
+        let mut cfg = LedgerConfig::default();
+        match &self.store {
+            Store::Sqlite(dir) => {
+                cfg.backend = BackendKind::Sqlite;
+                cfg.path = Some(dir.path().join("ledger.db"));
+            }
+            Store::Postgres { url, schema } => {
+                cfg.backend = BackendKind::Postgres;
+                cfg.url = Some(url.clone());
+                cfg.schema = Some(schema.clone());
+                cfg.pool_size = 16;
+            }
+        }
+        cfg.instance = Some("test-a".into());
+        cfg
+    }
+
+    async fn open(&self, clock: SharedClock) -> Ledger {
+        self.open_with(self.cfg(), clock).await
+    }
+
+    async fn open_with(&self, cfg: LedgerConfig, clock: SharedClock) -> Ledger {
+        match Ledger::open(&cfg, clock).await {
+            Ok(l) => l,
+            Err(e) => panic!("cannot open the {:?} ledger: {e}", cfg.backend),
+        }
+    }
+
+    /// Runs SQL directly against the store, behind the ledger's back.
+    async fn tamper(&self, sql: &str) {
+        match &self.store {
+            Store::Sqlite(dir) => {
+                let conn = rusqlite::Connection::open(dir.path().join("ledger.db")).expect("open");
+                conn.execute_batch(sql).expect("tamper");
+            }
+            Store::Postgres { url, schema } => {
+                let client = pg_client(url).await;
+                client
+                    .batch_execute(&format!("SET search_path TO {schema}; {sql}"))
+                    .await
+                    .expect("tamper");
+            }
+        }
+    }
+
+    async fn cleanup(self) {
+        if let Store::Postgres { url, schema } = &self.store {
+            let client = pg_client(url).await;
+            client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .await
+                .expect("drop schema");
+        }
+    }
+}
+
+async fn pg_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to GATE_TEST_POSTGRES_URL");
+    tokio::spawn(conn);
+    client
+}
+
+fn system() -> SharedClock {
+    Arc::new(SystemClock)
+}
+
+fn key(s: &str) -> KeyId {
+    KeyId(s.to_string())
+}
+
+fn tid(s: &str) -> TransferId {
+    TransferId(s.to_string())
+}
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s)
+        .expect("test timestamp")
+        .with_timezone(&Utc)
+}
+
+async fn assert_clean(ledger: &Ledger) {
+    let report = ledger.verify().await.expect("verify");
+    assert!(report.is_clean(), "verify found: {:?}", report.mismatches);
+}
+
+/// Runs each named conformance test against both backends.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let fx = super::Fx::sqlite();
+                    super::$name(&fx).await;
+                    fx.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(fx) = super::Fx::postgres() else { return };
+                    super::$name(&fx).await;
+                    fx.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    reserves_commits_voids_and_reports_remaining,
+    refuses_a_reservation_that_does_not_fit,
+    records_overage_when_a_commit_exceeds_the_budget,
+    replays_every_transition_by_id_without_applying_it_twice,
+    refunds_a_committed_charge_once_under_concurrent_refunds,
+    refuses_to_commit_a_voided_or_void_a_committed_transfer,
+    resets_period_spend_lazily_at_window_boundaries,
+    expires_pending_reservations_by_the_charge_policy,
+    expires_pending_reservations_by_the_void_policy,
+    keeps_idempotency_records_scoped_to_the_key,
+    stores_and_finds_key_records,
+    verify_detects_a_tampered_account,
+    budget_changes_are_recorded_transfers,
+    admits_exactly_what_fits_under_64_concurrent_tasks,
+    admits_exactly_what_fits_with_equal_sizes_that_leave_a_remainder,
+    resolves_reservations_left_pending_by_a_stopped_instance,
+    ping_and_close_work,
+);
+
+// ---------------------------------------------------------------------------
+// Behaviours.
+
+async fn reserves_commits_voids_and_reports_remaining(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_basic");
+    let v = l
+        .open_account(&k, Points(1000), Period::None, "admin", "first budget")
+        .await
+        .unwrap();
+    assert_eq!(
+        (v.budget, v.spent, v.reserved, v.remaining),
+        (Points(1000), Points(0), Points(0), Points(1000))
+    );
+
+    let r = l.reserve(&k, Points(100), &tid("t1")).await.unwrap();
+    assert_eq!((r.points, r.remaining), (Points(100), Points(900)));
+    let r2 = l.reserve(&k, Points(50), &tid("t2")).await.unwrap();
+    assert_eq!(r2.remaining, Points(850));
+    assert_eq!(l.pending_count().await.unwrap(), 2);
+
+    let s = l.commit(&tid("t1"), Points(80)).await.unwrap();
+    assert_eq!(s.kind, SettleKind::Commit);
+    assert_eq!(
+        (s.points, s.overage, s.remaining, s.replay),
+        (Points(80), Points(0), Points(870), false)
+    );
+    let s = l.void(&tid("t2")).await.unwrap();
+    assert_eq!(
+        (s.kind, s.points, s.remaining),
+        (SettleKind::Void, Points(50), Points(920))
+    );
+
+    let v = l.account(&k).await.unwrap();
+    assert_eq!(
+        (v.spent, v.reserved, v.remaining),
+        (Points(80), Points(0), Points(920))
+    );
+    assert_eq!(l.pending_count().await.unwrap(), 0);
+    let all = l.accounts().await.unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].key, k);
+    assert_clean(&l).await;
+}
+
+async fn refuses_a_reservation_that_does_not_fit(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_small");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(60), &tid("a")).await.unwrap();
+    match l.reserve(&k, Points(50), &tid("b")).await {
+        Err(LedgerError::Insufficient { needed, remaining }) => {
+            assert_eq!((needed, remaining), (Points(50), Points(40)));
+        }
+        other => panic!("expected Insufficient, got {other:?}"),
+    }
+    // A refused id is not taken: it can be used once there is room.
+    let r = l.reserve(&k, Points(40), &tid("b")).await.unwrap();
+    assert_eq!(r.remaining, Points(0));
+    assert!(matches!(
+        l.reserve(&k, Points(1), &tid("c")).await,
+        Err(LedgerError::Insufficient { .. })
+    ));
+    assert!(matches!(
+        l.reserve(&key("key_nobody"), Points(1), &tid("d")).await,
+        Err(LedgerError::UnknownAccount(_))
+    ));
+    let v = l.account(&k).await.unwrap();
+    assert_eq!(v.reserved, Points(100));
+    assert_clean(&l).await;
+}
+
+async fn records_overage_when_a_commit_exceeds_the_budget(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_over");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(90), &tid("o1")).await.unwrap();
+    let s = l.commit(&tid("o1"), Points(130)).await.unwrap();
+    assert_eq!(
+        (s.points, s.overage, s.remaining),
+        (Points(130), Points(30), Points(0))
+    );
+    let v = l.account(&k).await.unwrap();
+    assert_eq!((v.spent, v.remaining), (Points(130), Points(0)));
+
+    // With another reservation pending, only what is left beside it is available.
+    let k2 = key("key_over2");
+    l.open_account(&k2, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k2, Points(40), &tid("o2")).await.unwrap();
+    l.reserve(&k2, Points(50), &tid("o3")).await.unwrap();
+    let s = l.commit(&tid("o3"), Points(70)).await.unwrap();
+    assert_eq!((s.overage, s.remaining), (Points(10), Points(0)));
+    // Nothing more is admitted while spent + reserved is past the budget.
+    assert!(matches!(
+        l.reserve(&k2, Points(1), &tid("o4")).await,
+        Err(LedgerError::Insufficient {
+            remaining: Points(0),
+            ..
+        })
+    ));
+    // A commit below the reservation gives the difference back.
+    let s = l.commit(&tid("o2"), Points(0)).await.unwrap();
+    assert_eq!((s.points, s.overage), (Points(0), Points(0)));
+    assert_eq!(l.account(&k2).await.unwrap().spent, Points(70));
+    assert_clean(&l).await;
+}
+
+async fn replays_every_transition_by_id_without_applying_it_twice(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_replay");
+    l.open_account(&k, Points(1000), Period::None, "admin", "")
+        .await
+        .unwrap();
+    let first = l.reserve(&k, Points(100), &tid("r1")).await.unwrap();
+    let again = l.reserve(&k, Points(100), &tid("r1")).await.unwrap();
+    assert_eq!(
+        (again.points, again.remaining),
+        (first.points, first.remaining)
+    );
+    assert_eq!(l.account(&k).await.unwrap().reserved, Points(100));
+
+    let c1 = l.commit(&tid("r1"), Points(70)).await.unwrap();
+    assert!(!c1.replay);
+    // A replay returns the first result even if it asks for another amount.
+    let c2 = l.commit(&tid("r1"), Points(99)).await.unwrap();
+    assert!(c2.replay);
+    assert_eq!(
+        (c2.kind, c2.points, c2.remaining),
+        (SettleKind::Commit, Points(70), c1.remaining)
+    );
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(70));
+    // A reserve replay after the commit still answers the first reservation.
+    let again = l.reserve(&k, Points(100), &tid("r1")).await.unwrap();
+    assert_eq!(again.points, Points(100));
+    assert_eq!(l.account(&k).await.unwrap().reserved, Points(0));
+
+    let f1 = l.refund(&tid("r1")).await.unwrap();
+    let f2 = l.refund(&tid("r1")).await.unwrap();
+    assert_eq!(
+        (f1.kind, f1.points, f1.replay),
+        (SettleKind::Refund, Points(70), false)
+    );
+    assert_eq!((f2.points, f2.replay), (Points(70), true));
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(0));
+    // A commit replay after the refund still answers the commit.
+    let c3 = l.commit(&tid("r1"), Points(70)).await.unwrap();
+    assert!(c3.replay && c3.kind == SettleKind::Commit);
+
+    l.reserve(&k, Points(10), &tid("r2")).await.unwrap();
+    let v1 = l.void(&tid("r2")).await.unwrap();
+    let v2 = l.void(&tid("r2")).await.unwrap();
+    assert!(!v1.replay && v2.replay);
+    assert_eq!(l.account(&k).await.unwrap().reserved, Points(0));
+
+    assert!(matches!(
+        l.reserve(&key("key_other"), Points(1), &tid("r1")).await,
+        Err(LedgerError::UnknownAccount(_)) | Err(LedgerError::Conflict(_))
+    ));
+    l.open_account(&key("key_other"), Points(10), Period::None, "admin", "")
+        .await
+        .unwrap();
+    assert!(matches!(
+        l.reserve(&key("key_other"), Points(1), &tid("r1")).await,
+        Err(LedgerError::Conflict(_))
+    ));
+    assert!(matches!(
+        l.commit(&tid("never"), Points(1)).await,
+        Err(LedgerError::UnknownTransfer(_))
+    ));
+    assert!(matches!(
+        l.refund(&tid("never")).await,
+        Err(LedgerError::UnknownTransfer(_))
+    ));
+    assert_clean(&l).await;
+}
+
+async fn refunds_a_committed_charge_once_under_concurrent_refunds(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_refund");
+    l.open_account(&k, Points(500), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(50), &tid("f1")).await.unwrap();
+    l.commit(&tid("f1"), Points(45)).await.unwrap();
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(45));
+    // A pending transfer cannot be refunded.
+    l.reserve(&k, Points(5), &tid("f2")).await.unwrap();
+    assert!(matches!(
+        l.refund(&tid("f2")).await,
+        Err(LedgerError::Conflict(_))
+    ));
+
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let l = l.clone();
+        tasks.push(tokio::spawn(async move { l.refund(&tid("f1")).await }));
+    }
+    let mut first = 0;
+    for t in tasks {
+        let s = t.await.unwrap().unwrap();
+        assert_eq!(s.points, Points(45));
+        if !s.replay {
+            first += 1;
+        }
+    }
+    assert_eq!(first, 1, "exactly one refund applies");
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(0));
+    l.void(&tid("f2")).await.unwrap();
+    assert!(matches!(
+        l.refund(&tid("f2")).await,
+        Err(LedgerError::Conflict(_))
+    ));
+    assert_clean(&l).await;
+}
+
+async fn refuses_to_commit_a_voided_or_void_a_committed_transfer(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_conflict");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(10), &tid("v1")).await.unwrap();
+    l.void(&tid("v1")).await.unwrap();
+    assert!(matches!(
+        l.commit(&tid("v1"), Points(10)).await,
+        Err(LedgerError::Conflict(_))
+    ));
+    l.reserve(&k, Points(10), &tid("c1")).await.unwrap();
+    l.commit(&tid("c1"), Points(10)).await.unwrap();
+    assert!(matches!(
+        l.void(&tid("c1")).await,
+        Err(LedgerError::Conflict(_))
+    ));
+
+    // Racing commit and void: exactly one wins, the other conflicts.
+    for i in 0..20 {
+        let id = tid(&format!("race{i}"));
+        l.reserve(&k, Points(1), &id).await.unwrap();
+        let (a, b) = tokio::join!(
+            {
+                let l = l.clone();
+                let id = id.clone();
+                async move { l.commit(&id, Points(1)).await }
+            },
+            {
+                let l = l.clone();
+                let id = id.clone();
+                async move { l.void(&id).await }
+            }
+        );
+        assert!(a.is_ok() != b.is_ok(), "commit {a:?} / void {b:?}");
+    }
+    let v = l.account(&k).await.unwrap();
+    assert_eq!(v.reserved, Points(0));
+    assert_clean(&l).await;
+}
+
+async fn resets_period_spend_lazily_at_window_boundaries(fx: &Fx) {
+    // Monday 2026-11-23 23:59 in Shanghai.
+    let clock = ManualClock::new(at("2026-11-23T15:59:00Z"));
+    let l = fx.open(Arc::new(clock.clone())).await;
+    let day = key("key_day");
+    let week = key("key_week");
+    let month = key("key_month");
+    l.open_account(&day, Points(100), Period::Day, "admin", "")
+        .await
+        .unwrap();
+    l.open_account(&week, Points(100), Period::Week, "admin", "")
+        .await
+        .unwrap();
+    l.open_account(&month, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    let v = l
+        .set_period(&month, Period::Month, "admin", "monthly now")
+        .await
+        .unwrap();
+    assert_eq!(v.window_start, Some(at("2026-10-31T16:00:00Z")));
+    assert_eq!(v.window_end, Some(at("2026-11-30T16:00:00Z")));
+
+    for (i, k) in [&day, &week, &month].into_iter().enumerate() {
+        let id = tid(&format!("p{i}a"));
+        l.reserve(k, Points(100), &id).await.unwrap();
+        l.commit(&id, Points(100)).await.unwrap();
+        assert!(matches!(
+            l.reserve(k, Points(1), &tid(&format!("p{i}b"))).await,
+            Err(LedgerError::Insufficient { .. })
+        ));
+    }
+    let v = l.account(&day).await.unwrap();
+    assert_eq!(v.window_start, Some(at("2026-11-22T16:00:00Z")));
+    assert_eq!(v.window_end, Some(at("2026-11-23T16:00:00Z")));
+
+    // Tuesday 00:01: the day resets (on read, without a write), the week does not.
+    clock.set(at("2026-11-23T16:01:00Z"));
+    let v = l.account(&day).await.unwrap();
+    assert_eq!((v.spent, v.remaining), (Points(0), Points(100)));
+    assert_eq!(v.window_start, Some(at("2026-11-23T16:00:00Z")));
+    assert_eq!(l.account(&week).await.unwrap().spent, Points(100));
+    l.reserve(&day, Points(100), &tid("d2")).await.unwrap();
+    l.commit(&tid("d2"), Points(60)).await.unwrap();
+    assert_eq!(l.account(&day).await.unwrap().spent, Points(60));
+    assert!(matches!(
+        l.reserve(&week, Points(1), &tid("w2")).await,
+        Err(LedgerError::Insufficient { .. })
+    ));
+
+    // Sunday 23:59 is still the same week; Monday 00:00 starts a new one.
+    clock.set(at("2026-11-29T15:59:59Z"));
+    assert_eq!(l.account(&week).await.unwrap().spent, Points(100));
+    clock.set(at("2026-11-29T16:00:00Z"));
+    let v = l.account(&week).await.unwrap();
+    assert_eq!(v.spent, Points(0));
+    assert_eq!(v.window_start, Some(at("2026-11-29T16:00:00Z")));
+    l.reserve(&week, Points(30), &tid("w3")).await.unwrap();
+    l.commit(&tid("w3"), Points(30)).await.unwrap();
+    assert_eq!(l.account(&week).await.unwrap().spent, Points(30));
+    // The month has not turned yet (1 December starts at 2026-11-30T16:00Z).
+    assert_eq!(l.account(&month).await.unwrap().spent, Points(100));
+    clock.set(at("2026-11-30T16:00:00Z"));
+    l.reserve(&month, Points(100), &tid("m2")).await.unwrap();
+    let v = l.account(&month).await.unwrap();
+    assert_eq!((v.spent, v.reserved), (Points(0), Points(100)));
+    // A reservation made last window and settled in this one counts in this one.
+    l.commit(&tid("m2"), Points(100)).await.unwrap();
+    assert_eq!(l.account(&month).await.unwrap().spent, Points(100));
+    assert_clean(&l).await;
+}
+
+async fn expires_pending_reservations_by_the_charge_policy(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let mut cfg = fx.cfg();
+    cfg.pending_ttl_secs = 600;
+    cfg.pending_policy = PendingPolicy::Charge;
+    let l = fx.open_with(cfg, Arc::new(clock.clone())).await;
+    let k = key("key_exp");
+    l.open_account(&k, Points(1000), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(30), &tid("e1")).await.unwrap();
+    clock.advance(Duration::seconds(300));
+    l.reserve(&k, Points(20), &tid("e2")).await.unwrap();
+    l.reserve(&k, Points(5), &tid("e3")).await.unwrap();
+    l.commit(&tid("e3"), Points(5)).await.unwrap();
+    assert!(l.expire_pending().await.unwrap().is_empty());
+    clock.advance(Duration::seconds(301));
+    let expired = l.expire_pending().await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].id, tid("e1"));
+    assert_eq!(
+        (expired[0].kind, expired[0].points),
+        (SettleKind::Commit, Points(30))
+    );
+    let v = l.account(&k).await.unwrap();
+    assert_eq!((v.spent, v.reserved), (Points(35), Points(20)));
+    // The gate's late commit of the expired reservation is a replay, not a charge.
+    let late = l.commit(&tid("e1"), Points(10)).await.unwrap();
+    assert!(late.replay && late.points == Points(30));
+    clock.advance(Duration::seconds(300));
+    let expired = l.expire_pending().await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(l.pending_count().await.unwrap(), 0);
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(55));
+    assert_clean(&l).await;
+}
+
+async fn expires_pending_reservations_by_the_void_policy(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let mut cfg = fx.cfg();
+    cfg.pending_ttl_secs = 60;
+    cfg.pending_policy = PendingPolicy::Void;
+    let l = fx.open_with(cfg, Arc::new(clock.clone())).await;
+    let k = key("key_expv");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(100), &tid("x1")).await.unwrap();
+    clock.advance(Duration::seconds(61));
+    let expired = l.expire_pending().await.unwrap();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(
+        (expired[0].kind, expired[0].points),
+        (SettleKind::Void, Points(100))
+    );
+    let v = l.account(&k).await.unwrap();
+    assert_eq!(
+        (v.spent, v.reserved, v.remaining),
+        (Points(0), Points(0), Points(100))
+    );
+    assert!(matches!(
+        l.commit(&tid("x1"), Points(100)).await,
+        Err(LedgerError::Conflict(_))
+    ));
+    assert_clean(&l).await;
+}
+
+async fn keeps_idempotency_records_scoped_to_the_key(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let (a, b) = (key("key_ia"), key("key_ib"));
+    let h1 = [1u8; 32];
+    let h2 = [2u8; 32];
+    assert!(matches!(
+        l.idem_begin(&a, "idem-1", &h1).await.unwrap(),
+        IdemBegin::New
+    ));
+    assert!(matches!(
+        l.idem_begin(&a, "idem-1", &h1).await.unwrap(),
+        IdemBegin::InFlight
+    ));
+    assert!(matches!(
+        l.idem_begin(&a, "idem-1", &h2).await.unwrap(),
+        IdemBegin::Mismatch
+    ));
+    // Another key's namespace is separate.
+    assert!(matches!(
+        l.idem_begin(&b, "idem-1", &h2).await.unwrap(),
+        IdemBegin::New
+    ));
+    let answer = StoredAnswer {
+        status: 200,
+        body: br#"{"code":0,"data":{"taskId":"t-1"}}"#.to_vec(),
+    };
+    l.idem_finish(&a, "idem-1", &answer).await.unwrap();
+    match l.idem_begin(&a, "idem-1", &h1).await.unwrap() {
+        IdemBegin::Replay(got) => assert_eq!(got, answer),
+        other => panic!("expected Replay, got {other:?}"),
+    }
+    assert!(matches!(
+        l.idem_begin(&a, "idem-1", &h2).await.unwrap(),
+        IdemBegin::Mismatch
+    ));
+    // Abandoning forgets only an in-flight entry.
+    l.idem_abandon(&b, "idem-1").await.unwrap();
+    assert!(matches!(
+        l.idem_begin(&b, "idem-1", &h1).await.unwrap(),
+        IdemBegin::New
+    ));
+    l.idem_abandon(&a, "idem-1").await.unwrap();
+    assert!(matches!(
+        l.idem_begin(&a, "idem-1", &h1).await.unwrap(),
+        IdemBegin::Replay(_)
+    ));
+}
+
+fn record(id: &str, hash: &str, name: &str) -> KeyRecord {
+    let now = at("2026-11-23T10:00:00Z");
+    KeyRecord {
+        id: key(id),
+        name: name.into(),
+        secret_hash: hash.into(),
+        secret_prefix: "czg_ab12".into(),
+        rate_milli: 1000,
+        concurrency: Some(4),
+        rps: None,
+        burst: None,
+        disabled: false,
+        expires_at: None,
+        note: String::new(),
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+async fn stores_and_finds_key_records(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let r1 = record("key_0000000000000001", &"a".repeat(64), "studio one");
+    let r2 = record("key_0000000000000002", &"b".repeat(64), "studio two");
+    l.put_key(&r1).await.unwrap();
+    l.put_key(&r2).await.unwrap();
+    assert_eq!(l.key_by_id(&r1.id).await.unwrap(), Some(r1.clone()));
+    assert_eq!(
+        l.key_by_hash(&"b".repeat(64)).await.unwrap(),
+        Some(r2.clone())
+    );
+    assert_eq!(l.key_by_hash(&"c".repeat(64)).await.unwrap(), None);
+    assert_eq!(l.key_by_id(&key("key_missing")).await.unwrap(), None);
+
+    let mut changed = r1.clone();
+    changed.name = "studio one, renamed".into();
+    changed.disabled = true;
+    l.put_key(&changed).await.unwrap();
+    assert_eq!(l.key_by_id(&r1.id).await.unwrap(), Some(changed.clone()));
+    let all = l.keys().await.unwrap();
+    assert_eq!(all, vec![changed.clone(), r2.clone()]);
+
+    // A secret hash belongs to one key only.
+    let clash = record("key_0000000000000003", &"b".repeat(64), "clash");
+    assert!(matches!(
+        l.put_key(&clash).await,
+        Err(LedgerError::Conflict(_))
+    ));
+    assert_eq!(l.keys().await.unwrap().len(), 2);
+}
+
+async fn verify_detects_a_tampered_account(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_tamper");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(10), &tid("tt1")).await.unwrap();
+    l.commit(&tid("tt1"), Points(10)).await.unwrap();
+    assert_clean(&l).await;
+    fx.tamper("UPDATE accounts SET spent = spent - 7 WHERE key = 'key_tamper'")
+        .await;
+    let report = l.verify().await.unwrap();
+    assert!(!report.is_clean());
+    assert!(
+        report
+            .mismatches
+            .iter()
+            .any(|m| m.contains("key_tamper") && m.contains("spent")),
+        "{:?}",
+        report.mismatches
+    );
+    // A forged transfer is caught too.
+    fx.tamper("UPDATE accounts SET spent = spent + 7 WHERE key = 'key_tamper'")
+        .await;
+    assert_clean(&l).await;
+    fx.tamper("UPDATE transfers SET points = 1 WHERE id = 'tt1' AND kind = 'commit'")
+        .await;
+    assert!(!l.verify().await.unwrap().is_clean());
+}
+
+async fn budget_changes_are_recorded_transfers(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_budget");
+    l.open_account(&k, Points(10), Period::None, "admin", "trial")
+        .await
+        .unwrap();
+    assert!(matches!(
+        l.open_account(&k, Points(10), Period::None, "admin", "")
+            .await,
+        Err(LedgerError::Conflict(_))
+    ));
+    let v = l
+        .top_up(&k, Points(90), "alice", "invoice 17")
+        .await
+        .unwrap();
+    assert_eq!(v.budget, Points(100));
+    l.reserve(&k, Points(100), &tid("b1")).await.unwrap();
+    let v = l.set_budget(&k, Points(50), "bob", "cut").await.unwrap();
+    assert_eq!(
+        (v.budget, v.reserved, v.remaining),
+        (Points(50), Points(100), Points(0))
+    );
+    assert!(matches!(
+        l.top_up(&key("key_none"), Points(1), "alice", "").await,
+        Err(LedgerError::UnknownAccount(_))
+    ));
+    assert_clean(&l).await;
+    // Undo the top-up behind the ledger's back: the recorded transfer disagrees.
+    fx.tamper("UPDATE accounts SET budget = 10 WHERE key = 'key_budget'")
+        .await;
+    assert!(!l.verify().await.unwrap().is_clean());
+}
+
+/// 64 tasks × 200 reservations of `size` points against `budget`; returns the
+/// number admitted.
+async fn hammer(ledgers: &[Ledger], k: &KeyId, size: u64, prefix: &str) -> u64 {
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let l = ledgers[t % ledgers.len()].clone();
+        let k = k.clone();
+        let prefix = prefix.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for i in 0..200 {
+                let id = TransferId(format!("{prefix}-{t}-{i}"));
+                match l.reserve(&k, Points(size), &id).await {
+                    Ok(_) => admitted += 1,
+                    Err(LedgerError::Insufficient { .. }) => {}
+                    Err(e) => panic!("reserve failed: {e}"),
+                }
+            }
+            admitted
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total
+}
+
+async fn admits_exactly_what_fits_under_64_concurrent_tasks(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_hot");
+    let budget = 5000;
+    l.open_account(&k, Points(budget), Period::None, "admin", "")
+        .await
+        .unwrap();
+    let admitted = hammer(std::slice::from_ref(&l), &k, 1, "h").await;
+    assert_eq!(
+        admitted, budget,
+        "64×200 one-point reservations against {budget}"
+    );
+    let v = l.account(&k).await.unwrap();
+    assert_eq!((v.reserved, v.remaining), (Points(budget), Points(0)));
+    assert_eq!(l.pending_count().await.unwrap(), budget);
+    assert_clean(&l).await;
+}
+
+async fn admits_exactly_what_fits_with_equal_sizes_that_leave_a_remainder(fx: &Fx) {
+    let l = fx.open(system()).await;
+    let k = key("key_hot3");
+    l.open_account(&k, Points(10_000), Period::None, "admin", "")
+        .await
+        .unwrap();
+    let admitted = hammer(std::slice::from_ref(&l), &k, 3, "h3").await;
+    assert_eq!(admitted, 3333);
+    let v = l.account(&k).await.unwrap();
+    assert_eq!((v.reserved, v.remaining), (Points(9999), Points(1)));
+    assert_clean(&l).await;
+}
+
+async fn resolves_reservations_left_pending_by_a_stopped_instance(fx: &Fx) {
+    let k = key("key_orphan");
+    {
+        let l = fx.open(system()).await;
+        l.open_account(&k, Points(100), Period::None, "admin", "")
+            .await
+            .unwrap();
+        l.reserve(&k, Points(25), &tid("or1")).await.unwrap();
+        l.reserve(&k, Points(5), &tid("or2")).await.unwrap();
+        l.commit(&tid("or2"), Points(5)).await.unwrap();
+        // Dropped without settling or1.
+    }
+    let l = fx.open(system()).await;
+    assert_eq!(l.pending_count().await.unwrap(), 0);
+    let v = l.account(&k).await.unwrap();
+    assert_eq!((v.spent, v.reserved), (Points(30), Points(0)));
+    let replay = l.commit(&tid("or1"), Points(1)).await.unwrap();
+    assert!(replay.replay && replay.points == Points(25));
+    assert_clean(&l).await;
+}
+
+async fn ping_and_close_work(fx: &Fx) {
+    let l = fx.open(system()).await;
+    l.ping().await.unwrap();
+    l.open_account(&key("key_ping"), Points(1), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.close().await.unwrap();
+    assert_eq!(verify_cmd(&fx.cfg()).await, 0);
+    fx.tamper("UPDATE accounts SET budget = 2 WHERE key = 'key_ping'")
+        .await;
+    assert_eq!(verify_cmd(&fx.cfg()).await, 1);
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL only: two independent ledger instances share one budget.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_instances_admit_exactly_what_fits_together() {
+    let Some(fx) = Fx::postgres() else { return };
+    let mut a = fx.cfg();
+    a.instance = Some("replica-a".into());
+    a.pool_size = 8;
+    let mut b = fx.cfg();
+    b.instance = Some("replica-b".into());
+    b.pool_size = 8;
+    let la = fx.open_with(a, system()).await;
+    let lb = fx.open_with(b, system()).await;
+    let k = key("key_fleet");
+    la.open_account(&k, Points(4000), Period::None, "admin", "")
+        .await
+        .unwrap();
+    let admitted = hammer(&[la.clone(), lb.clone()], &k, 1, "fleet").await;
+    assert_eq!(admitted, 4000);
+    assert_eq!(lb.account(&k).await.unwrap().remaining, Points(0));
+    // A reservation made through one replica is settled through the other.
+    let s = lb
+        .commit(&TransferId("fleet-0-0".into()), Points(1))
+        .await
+        .unwrap();
+    assert!(!s.replay);
+    assert!(
+        la.commit(&TransferId("fleet-0-0".into()), Points(1))
+            .await
+            .unwrap()
+            .replay
+    );
+    // A restart of replica B resolves only B's orphans.
+    drop(lb);
+    let mut b2 = fx.cfg();
+    b2.instance = Some("replica-b".into());
+    let lb = fx.open_with(b2, system()).await;
+    let pending = lb.pending_count().await.unwrap();
+    assert!(
+        pending > 0 && pending < 4000,
+        "A's reservations stay pending: {pending}"
+    );
+    assert_clean(&lb).await;
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_unreachable_server_fails_to_open() {
+    if std::env::var("GATE_TEST_POSTGRES_URL").is_err() {
+        eprintln!("GATE_TEST_POSTGRES_URL is not set: the PostgreSQL half was NOT run");
+        return;
+    }
+    let cfg = LedgerConfig {
+        backend: BackendKind::Postgres,
+        url: Some("postgres://postgres@127.0.0.1:1/none".into()),
+        ..LedgerConfig::default()
+    };
+    assert!(matches!(
+        Ledger::open(&cfg, system()).await,
+        Err(LedgerError::Storage(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// SQLite crash test: a child process hammers the ledger and is SIGKILLed.
+
+const CHILD_ENV: &str = "CHUZHAN_LEDGER_CRASH_CHILD";
+
+/// Not a behaviour on its own: the body of the child process that
+/// `sqlite_survives_sigkill_under_load` starts (this test binary, re-executed
+/// with the ledger path in `CHUZHAN_LEDGER_CRASH_CHILD`). Without that
+/// variable it returns at once.
+#[test]
+fn crash_child_process_body() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let cfg = LedgerConfig {
+            path: Some(path.into()),
+            ..LedgerConfig::default()
+        };
+        let l = Ledger::open(&cfg, system())
+            .await
+            .expect("child opens the ledger");
+        let k = key("key_crash");
+        let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+        let mut tasks = Vec::new();
+        for t in 0..32 {
+            let (l, k, out) = (l.clone(), k.clone(), Arc::clone(&out));
+            tasks.push(tokio::spawn(async move {
+                for i in 0.. {
+                    let id = TransferId(format!("crash-{t}-{i}"));
+                    l.reserve(&k, Points(3), &id).await.expect("reserve");
+                    say(&out, &format!("R {id}"));
+                    if i % 5 == 4 {
+                        l.void(&id).await.expect("void");
+                        say(&out, &format!("V {id}"));
+                    } else {
+                        l.commit(&id, Points(2)).await.expect("commit");
+                        say(&out, &format!("C {id}"));
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
+}
+
+fn say(out: &std::sync::Mutex<std::io::Stdout>, line: &str) {
+    if let Ok(out) = out.lock() {
+        let mut out = out.lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_survives_sigkill_under_load() {
+    let fx = Fx::sqlite();
+    let cfg = fx.cfg();
+    let path = cfg.path.clone().expect("path");
+    {
+        let l = fx.open(system()).await;
+        l.open_account(
+            &key("key_crash"),
+            Points(1_000_000_000),
+            Period::None,
+            "admin",
+            "",
+        )
+        .await
+        .unwrap();
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "crash_child_process_body",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the child");
+    let stdout = child.stdout.take().expect("child stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Let it run until a few thousand pairs are through, then kill it mid-flight.
+    while lines
+        .iter()
+        .filter(|l: &&String| l.starts_with("C "))
+        .count()
+        < 3000
+    {
+        match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+            Ok(line) => lines.push(line),
+            Err(_) if std::time::Instant::now() < deadline => {}
+            Err(_) => break,
+        }
+    }
+    child.kill().expect("SIGKILL the child");
+    let _ = child.wait();
+    let _ = reader.join();
+    lines.extend(rx.try_iter());
+    let committed: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("C ")).collect();
+    let voided: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("V ")).collect();
+    let reserved: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("R ")).collect();
+    assert!(
+        committed.len() >= 3000,
+        "the child got through {} commits",
+        committed.len()
+    );
+
+    // Restart: the orphans are charged by the default policy.
+    let l = fx.open(system()).await;
+    assert_eq!(l.pending_count().await.unwrap(), 0);
+    assert_clean(&l).await;
+    assert_eq!(verify_cmd(&cfg).await, 0);
+    for id in &committed {
+        let s = l.commit(&tid(id), Points(999)).await.unwrap();
+        assert!(s.replay && s.points == Points(2), "{id}: {s:?}");
+    }
+    for id in &voided {
+        let s = l.void(&tid(id)).await.unwrap();
+        assert!(s.replay, "{id}: {s:?}");
+    }
+    // Every reservation the child was told about is settled exactly once: either
+    // by the child, or charged in full by the recovery.
+    let mut recovered = 0;
+    for id in &reserved {
+        match l.commit(&tid(id), Points(999)).await {
+            Ok(s) => {
+                assert!(s.replay, "{id}: {s:?}");
+                assert!(
+                    s.points == Points(2) || s.points == Points(3),
+                    "{id}: {s:?}"
+                );
+                if s.points == Points(3) {
+                    recovered += 1;
+                }
+            }
+            Err(LedgerError::Conflict(_)) => {
+                assert!(l.void(&tid(id)).await.unwrap().replay);
+            }
+            Err(e) => panic!("{id}: {e}"),
+        }
+    }
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let charged: i64 = conn
+        .query_row(
+            "SELECT COALESCE(SUM(points), 0) FROM transfers WHERE kind = 'commit'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("sum");
+    let v = l.account(&key("key_crash")).await.unwrap();
+    assert_eq!(v.spent.get() as i64, charged);
+    assert_eq!(v.reserved, Points(0));
+    eprintln!(
+        "crash test: {} reserved, {} committed, {} voided seen by the child; {recovered} charged by recovery",
+        reserved.len(),
+        committed.len(),
+        voided.len()
+    );
+}
