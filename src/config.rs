@@ -8,6 +8,7 @@
 use crate::audit::AuditConfig;
 use crate::ledger::{BackendKind, LedgerConfig};
 use crate::pricing::PriceTable;
+use crate::tasks::TasksConfig;
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
@@ -199,6 +200,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The price table.
     pub pricing: PriceTable,
+    /// Following tasks to their end.
+    pub tasks: TasksConfig,
     /// The admin token (from `GATE_ADMIN_TOKEN` only).
     #[serde(skip)]
     pub admin_token: Secret,
@@ -219,6 +222,7 @@ impl Default for Config {
             ledger: LedgerConfig::default(),
             audit: AuditConfig::default(),
             pricing: PriceTable::default(),
+            tasks: TasksConfig::default(),
             admin_token: Secret::default(),
         }
     }

@@ -8,6 +8,8 @@ use serde::Serialize;
 pub enum Code {
     /// 1: internal error.
     Internal = 1,
+    /// 3: business error (the upstream's answer for a task that does not exist).
+    NotFound = 3,
     /// 1001: authentication failed.
     Auth = 1001,
     /// 1002: insufficient points (budget).
@@ -28,6 +30,7 @@ impl Code {
     pub fn semantic_status(self) -> u16 {
         match self {
             Code::Internal => 500,
+            Code::NotFound => 404,
             Code::Auth => 401,
             Code::Budget => 402,
             Code::Invalid => 400,

@@ -23,6 +23,7 @@ use crate::keys::{KeyCache, KeyRecord};
 use crate::ledger::{IdemBegin, Ledger, LedgerError, Settled, StoredAnswer};
 use crate::points::{Points, TransferId};
 use crate::pricing::{self, Endpoint, PriceInputs, Priced, Quote};
+use crate::tasks::{self, TaskRecord, TaskState};
 use crate::upstream::client::{Answer, ForwardError, Upstream};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -55,6 +56,14 @@ pub struct GateInner {
     pub clock: SharedClock,
     /// Request counters and histograms.
     pub metrics: crate::metrics::Metrics,
+    /// Task ownership cache (the registry itself is in the ledger's store).
+    pub tasks: crate::tasks::TaskCache,
+    /// Per-key rate and concurrency limits.
+    pub limits: crate::limits::Limits,
+    /// Workflow `consume` by workflow id, fetched once.
+    pub workflows: dashmap::DashMap<String, Points>,
+    /// Client for forwarding callbacks to clients (not the upstream's pool).
+    pub callback_client: reqwest::Client,
 }
 
 impl std::ops::Deref for Gate {
@@ -152,6 +161,9 @@ pub async fn handle(gate: Gate, req: Request<Incoming>) -> Response<Full<Bytes>>
         upstream_latency: None,
         note: None,
     };
+    if t.path == "/gate/callback" && req.method() == Method::POST {
+        return upstream_callback(&gate, req, &t).await;
+    }
     let result = life(&gate, req, &mut t).await;
     let resp = reply(&gate, &t, &result);
     audit(&gate, &t, &result).await;
@@ -175,13 +187,22 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
         .unwrap_or_else(|| t.path.clone());
     match route {
         Route::ClientDetail => client_detail(gate, &key).await,
+        Route::Free(ep) if is_task_read(ep) => {
+            let rec = own_task(gate, &key, &body, t).await?;
+            let out = forward_free(gate, false, &pq, &parts.headers, body, t).await;
+            if let (Some(rec), Ok(Outcome::Upstream(a))) = (&rec, &out) {
+                tasks::observe_answer(gate, rec, &a.body).await;
+            }
+            out
+        }
         Route::Free(ep) => forward_free(gate, ep.is_get(), &pq, &parts.headers, body, t).await,
         Route::Passthrough => {
             let get = parts.method == Method::GET;
             forward_free(gate, get, &pq, &parts.headers, body, t).await
         }
         Route::Billable(ep) => {
-            let quote = match price(gate, ep, &body)? {
+            let inputs = price_inputs(gate, &key, ep, &body, t).await?;
+            let quote = match price(gate, ep, &body, &inputs)? {
                 Priced::Free => {
                     return forward_free(gate, false, &pq, &parts.headers, body, t).await;
                 }
@@ -200,8 +221,8 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
                 Some(IdemState::Fresh(k)) => Some(k),
                 _ => None,
             };
-            let reservation = match reserve(gate, &key, &quote, &t.id).await {
-                Ok(r) => r,
+            let slot = match limit(gate, &key) {
+                Ok(s) => s,
                 Err(rej) => {
                     if let Some(k) = &idem_key {
                         let _ = gate.ledger.idem_abandon(&key.id, k).await;
@@ -209,6 +230,20 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
                     return Err(rej);
                 }
             };
+            let reservation = match reserve(gate, &key, &quote, &t.id).await {
+                Ok(r) => r,
+                Err(rej) => {
+                    gate.limits.cancel(slot);
+                    if let Some(k) = &idem_key {
+                        let _ = gate.ledger.idem_abandon(&key.id, k).await;
+                    }
+                    return Err(rej);
+                }
+            };
+            // The upstream calls the gate back (with the gate's nonce) when the
+            // client asked for a callback and the gate has a public URL.
+            let plan = tasks::plan_callback(gate.cfg.public_url.as_deref(), &body);
+            let body = plan.as_ref().map(|p| p.body.clone()).unwrap_or(body);
             // From here the request is paid for: forward and settle must both run even
             // if the client goes away, so they run in their own task.
             let g = gate.clone();
@@ -218,8 +253,23 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
                 let sent_at = Instant::now();
                 let fwd = forward(&g, &pq, &headers, body).await;
                 let latency = sent_at.elapsed();
+                let transfer = reservation.id.clone();
                 let settled = settle(&g, &k, reservation, &quote, &fwd).await;
-                let out = finish_billable(&g, fwd, &settled);
+                let registered = match &settled {
+                    Ok(s) if s.charged.get() > 0 && s.task_id.is_some() => {
+                        register_task(&g, &k, ep, transfer, s, plan).await
+                    }
+                    _ => Ok(false),
+                };
+                if matches!(registered, Ok(true)) {
+                    g.limits.keep(slot);
+                } else {
+                    g.limits.cancel(slot);
+                }
+                let out = match registered {
+                    Err(rej) => Err(rej),
+                    Ok(_) => finish_billable(&g, fwd, &settled),
+                };
                 if let (Some(ik), Ok(Outcome::Upstream(a))) = (&idem_key, &out) {
                     let stored = StoredAnswer {
                         status: a.status,
@@ -367,9 +417,8 @@ async fn read_body(gate: &Gate, headers: &HeaderMap, body: Incoming) -> Result<B
 }
 
 /// Price: the provider's formula for this endpoint and body, or 1003 naming the field.
-fn price(gate: &Gate, ep: Endpoint, body: &[u8]) -> Result<Priced, Reject> {
-    let inputs = PriceInputs::default();
-    pricing::price(&gate.cfg.pricing, ep, body, &inputs)
+fn price(gate: &Gate, ep: Endpoint, body: &[u8], inputs: &PriceInputs) -> Result<Priced, Reject> {
+    pricing::price(&gate.cfg.pricing, ep, body, inputs)
         .map_err(|e| Reject::new(e.code(), "invalid", e.to_string()))
 }
 
@@ -423,6 +472,156 @@ async fn idempotency(
         )),
         Err(e) => Err(ledger_reject(e)),
     }
+}
+
+/// Endpoints that read a task: only the key that submitted it may.
+fn is_task_read(ep: Endpoint) -> bool {
+    matches!(
+        ep,
+        Endpoint::TaskDetail
+            | Endpoint::MjProgress
+            | Endpoint::WorkflowTaskDetail
+            | Endpoint::TrainDetail
+    )
+}
+
+/// Ownership: a client may touch only tasks it submitted. Another key's task, and
+/// a task the gate never charged, are refused alike, as if they did not exist.
+async fn own_task(
+    gate: &Gate,
+    key: &KeyRecord,
+    body: &[u8],
+    t: &mut Trace,
+) -> Result<Option<Arc<TaskRecord>>, Reject> {
+    let Some(task_id) = pricing::task_ref(body) else {
+        // No task id: the upstream answers its own 1003.
+        return Ok(None);
+    };
+    t.task_id = Some(task_id.clone());
+    match tasks::owned(gate, &key.id, &task_id).await {
+        Ok(Some(rec)) => Ok(Some(rec)),
+        Ok(None) => Err(Reject::new(
+            Code::NotFound,
+            "not_owner",
+            "task does not exist",
+        )),
+        Err(e) => Err(ledger_reject(e)),
+    }
+}
+
+/// What pricing cannot read from the body: the original charge of the task an
+/// inpaint repaints (from the registry, which also proves ownership), and a
+/// workflow's `consume` (from `/aiapi/workflow/detail`, cached).
+async fn price_inputs(
+    gate: &Gate,
+    key: &KeyRecord,
+    ep: Endpoint,
+    body: &[u8],
+    t: &mut Trace,
+) -> Result<PriceInputs, Reject> {
+    let mut inputs = PriceInputs::default();
+    match ep {
+        Endpoint::Inpaint | Endpoint::MjUpscale | Endpoint::MjVariation | Endpoint::MjZoomout => {
+            if let Some(rec) = own_task(gate, key, body, t).await? {
+                inputs.original_charge = Some(rec.upstream_points);
+            }
+            t.task_id = None;
+        }
+        Endpoint::WorkflowRun => {
+            if let Some(id) = pricing::workflow_id(body) {
+                if !gate.cfg.pricing.workflows.contains_key(&id) {
+                    inputs.workflow_consume = tasks::workflow_consume(gate, &id).await;
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(inputs)
+}
+
+/// Limits: the key's submit rate and tasks in flight, and the operator-wide cap,
+/// checked before anything is reserved. Over a limit → 1005.
+fn limit(gate: &Gate, key: &KeyRecord) -> Result<crate::limits::Slot, Reject> {
+    gate.limits
+        .check_rate(&key.id, key.rps, key.burst)
+        .and_then(|()| {
+            gate.limits
+                .acquire(&key.id, key.concurrency, gate.cfg.tasks.global_concurrency)
+        })
+        .map_err(|e| Reject::new(Code::Limit, "limit", e.to_string()))
+}
+
+/// Record a charged task so the gate can follow it to its end (refund on fail,
+/// callbacks, ownership). Durable before the client's answer; if it cannot be
+/// recorded the client is told so (the charge stands, the task runs).
+async fn register_task(
+    gate: &Gate,
+    key: &KeyRecord,
+    ep: Endpoint,
+    transfer: TransferId,
+    s: &Settlement,
+    plan: Option<tasks::CallbackPlan>,
+) -> Result<bool, Reject> {
+    let Some(task_id) = s.task_id.clone() else {
+        return Ok(false);
+    };
+    let (client_callback, client_nonce, gate_nonce) = match plan {
+        Some(p) => (Some(p.client_callback), p.client_nonce, Some(p.gate_nonce)),
+        None => (None, None, None),
+    };
+    let rec = TaskRecord {
+        task_id,
+        key: key.id.clone(),
+        endpoint: ep.path().to_owned(),
+        transfer,
+        upstream_points: s.upstream_points,
+        charged: s.charged,
+        state: TaskState::Open,
+        client_callback,
+        client_nonce,
+        gate_nonce,
+        created_at: gate.clock.now(),
+    };
+    match tasks::register(gate, rec).await {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::error!(error = %e, "task registry write failed");
+            Err(Reject::new(
+                Code::Internal,
+                "ledger",
+                "the task was accepted and charged but could not be registered; contact the operator",
+            ))
+        }
+    }
+}
+
+/// `POST /gate/callback`: the upstream reporting a task's end. Not a client
+/// request: no key; the task id and the gate's nonce are the proof.
+async fn upstream_callback(
+    gate: &Gate,
+    req: Request<Incoming>,
+    t: &Trace,
+) -> Response<Full<Bytes>> {
+    let body = match tokio::time::timeout(
+        Duration::from_secs(gate.cfg.limits.body_read_timeout_secs),
+        Limited::new(req.into_body(), gate.cfg.limits.body_bytes).collect(),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c.to_bytes(),
+        _ => Bytes::new(),
+    };
+    let (status, body) = tasks::handle_callback(gate, &body).await;
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=UTF-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&t.id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }
 
 /// A durable hold on points, to be consumed by exactly one settlement.
@@ -517,6 +716,7 @@ fn upstream_reject(e: &ForwardError) -> Reject {
 /// What settling decided, for the reply and the audit.
 struct Settlement {
     charged: Points,
+    upstream_points: Points,
     remaining: Points,
     settled: Option<Settled>,
     task_id: Option<String>,
@@ -578,6 +778,7 @@ async fn settle(
 ) -> Result<Settlement, LedgerError> {
     let mut s = Settlement {
         charged: Points::ZERO,
+        upstream_points: quote.points,
         remaining: Points::ZERO,
         settled: None,
         task_id: None,
@@ -603,7 +804,10 @@ async fn settle(
                     s.task_id = v.task_id.clone();
                     match (v.code, v.task_id) {
                         (Some(0), Some(_)) => Some(match v.used {
-                            Some(u) => Points(key.charge_for(u)),
+                            Some(u) => {
+                                s.upstream_points = Points(u);
+                                Points(key.charge_for(u))
+                            }
                             None => Points(key.charge_for(quote.points.get())),
                         }),
                         (Some(0), None) => {

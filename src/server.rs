@@ -83,6 +83,17 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     let upstream = Upstream::new(&cfg.upstream)?;
     let keys = KeyCache::default();
     keys.replace_all(ledger.keys().await?);
+    // Tasks still open count against their keys' concurrency limits.
+    let open_tasks = ledger.open_task_counts().await?;
+    let callback_client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| {
+            StartError::Upstream(crate::upstream::client::ForwardError::NotSent(
+                e.to_string(),
+            ))
+        })?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -114,7 +125,14 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
         keys,
         clock,
         metrics: Default::default(),
+        tasks: Default::default(),
+        limits: Default::default(),
+        workflows: Default::default(),
+        callback_client,
     });
+    for (key, n) in open_tasks {
+        gate.limits.restore(&key, n);
+    }
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let g = gate.clone();
@@ -155,8 +173,9 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     })
 }
 
-/// Background upkeep: resolve expired reservations; with a shared store, reload
-/// keys so that changes made on another replica take effect here too.
+/// Background upkeep: resolve expired reservations; check open tasks nobody
+/// polls; with a shared store, reload keys so that changes made on another
+/// replica take effect here too.
 async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, shared_store: bool) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
@@ -170,6 +189,9 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, shared_store:
             if let Ok(keys) = gate.ledger.keys().await {
                 gate.keys.replace_all(keys);
             }
+        }
+        if n % gate.cfg.tasks.check_interval_secs.max(1) == 0 {
+            crate::tasks::check_due(&gate).await;
         }
         if n % 10 == 0 {
             match gate.ledger.expire_pending().await {

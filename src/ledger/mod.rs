@@ -53,6 +53,7 @@ pub use cli::verify_cmd;
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
 use crate::points::{KeyId, Points, TransferId};
+use crate::tasks::{TaskRecord, TaskState};
 use chrono::{DateTime, Datelike, Days, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -343,6 +344,7 @@ impl VerifyReport {
 #[derive(Clone)]
 pub struct Ledger {
     inner: Arc<Backend>,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -376,11 +378,16 @@ impl Ledger {
     /// all of them; PostgreSQL: those owned by this `instance`), recording that.
     pub async fn open(cfg: &LedgerConfig, clock: SharedClock) -> Result<Ledger, LedgerError> {
         let backend = match cfg.backend {
-            BackendKind::Sqlite => Backend::Sqlite(sqlite::SqliteLedger::open(cfg, clock).await?),
-            BackendKind::Postgres => Backend::Postgres(postgres::PgLedger::open(cfg, clock).await?),
+            BackendKind::Sqlite => {
+                Backend::Sqlite(sqlite::SqliteLedger::open(cfg, clock.clone()).await?)
+            }
+            BackendKind::Postgres => {
+                Backend::Postgres(postgres::PgLedger::open(cfg, clock.clone()).await?)
+            }
         };
         Ok(Ledger {
             inner: Arc::new(backend),
+            clock,
         })
     }
 
@@ -536,6 +543,49 @@ impl Ledger {
     /// All key records, ordered by id.
     pub async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
         dispatch!(self, b => b.keys().await)
+    }
+
+    /// Registers a task the gate charged (first write wins; a replay is a no-op).
+    pub async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.put_task(rec).await)
+    }
+
+    /// A registered task, by its upstream id.
+    pub async fn task(&self, task_id: &str) -> Result<Option<TaskRecord>, LedgerError> {
+        dispatch!(self, b => b.task(task_id).await)
+    }
+
+    /// Moves an open task to its end state in one conditional update. Returns
+    /// `true` for exactly one caller however many race (polls, duplicate
+    /// callbacks, replicas): that caller does what the end requires (refund).
+    pub async fn end_task(&self, task_id: &str, state: TaskState) -> Result<bool, LedgerError> {
+        let now = self.now_ms();
+        dispatch!(self, b => b.end_task(task_id, state, now).await)
+    }
+
+    /// Open tasks not checked since `before` (oldest check first), for the
+    /// background checker.
+    pub async fn due_tasks(
+        &self,
+        before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, LedgerError> {
+        dispatch!(self, b => b.due_tasks(before.timestamp_millis(), limit).await)
+    }
+
+    /// Records that an open task was just checked.
+    pub async fn touch_task(&self, task_id: &str) -> Result<(), LedgerError> {
+        let now = self.now_ms();
+        dispatch!(self, b => b.touch_task(task_id, now).await)
+    }
+
+    /// Open tasks per key (to restore concurrency counts at start).
+    pub async fn open_task_counts(&self) -> Result<Vec<(KeyId, u32)>, LedgerError> {
+        dispatch!(self, b => b.open_task_counts().await)
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now().timestamp_millis()
     }
 }
 

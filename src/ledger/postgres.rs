@@ -21,6 +21,7 @@ use super::{
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
 use crate::points::{KeyId, Points, TransferId};
+use crate::tasks::{TaskRecord, TaskState};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
@@ -28,7 +29,8 @@ use tokio_postgres::{NoTls, Row};
 /// Serialises schema migrations of concurrently starting replicas.
 const MIGRATION_LOCK: i64 = 0x0063_6875_7a68_616e; // "chuzhan"
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     key TEXT PRIMARY KEY,
     budget BIGINT NOT NULL,
@@ -80,7 +82,20 @@ CREATE TABLE keys (
     record TEXT NOT NULL
 );
 CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-"#];
+"#,
+    // v2: the task registry (one row per upstream task the gate charged).
+    r#"
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    checked_ms BIGINT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX tasks_open ON tasks (checked_ms) WHERE state = 'open';
+"#,
+];
 
 /// The current window start for each period kind, passed to the statements
 /// that may apply a lazy period reset.
@@ -971,6 +986,123 @@ impl PgLedger {
             .map(|r| {
                 let json: String = r.try_get(0).map_err(pg)?;
                 super::sqlite::parse_key(&json)
+            })
+            .collect()
+    }
+}
+
+/// The task registry, in the same database as the ledger so replicas share it.
+impl PgLedger {
+    pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
+        let json = serde_json::to_string(rec).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let created = rec.created_at.timestamp_millis();
+        self.client()
+            .await?
+            .execute(
+                "INSERT INTO tasks (task_id, key, state, created_ms, checked_ms, record) \
+                 VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (task_id) DO NOTHING",
+                &[
+                    &rec.task_id,
+                    &rec.key.as_str(),
+                    &rec.state.as_str(),
+                    &created,
+                    &json,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    pub(super) async fn task(&self, id: &str) -> Result<Option<TaskRecord>, LedgerError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt("SELECT state, record FROM tasks WHERE task_id = $1", &[&id])
+            .await
+            .map_err(pg)?;
+        match row {
+            None => Ok(None),
+            Some(r) => {
+                let s: String = r.try_get(0).map_err(pg)?;
+                let j: String = r.try_get(1).map_err(pg)?;
+                super::sqlite::task_from_row(&s, &j).map(Some)
+            }
+        }
+    }
+
+    pub(super) async fn end_task(
+        &self,
+        id: &str,
+        state: TaskState,
+        at_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        // One conditional UPDATE: of concurrent enders (replicas, duplicate
+        // callbacks, polls) exactly one sees a row changed.
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE tasks SET state = $2, checked_ms = $3 WHERE task_id = $1 AND state = 'open'",
+                &[&id, &state.as_str(), &at_ms],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn due_tasks(
+        &self,
+        checked_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, LedgerError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT state, record FROM tasks WHERE state = 'open' AND checked_ms < $1 \
+                 ORDER BY checked_ms LIMIT $2",
+                &[&checked_before_ms, &limit],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let s: String = r.try_get(0).map_err(pg)?;
+                let j: String = r.try_get(1).map_err(pg)?;
+                super::sqlite::task_from_row(&s, &j)
+            })
+            .collect()
+    }
+
+    pub(super) async fn touch_task(&self, id: &str, at_ms: i64) -> Result<(), LedgerError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE tasks SET checked_ms = $2 WHERE task_id = $1",
+                &[&id, &at_ms],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    pub(super) async fn open_task_counts(&self) -> Result<Vec<(KeyId, u32)>, LedgerError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT key, COUNT(*) FROM tasks WHERE state = 'open' GROUP BY key",
+                &[],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let k: String = r.try_get(0).map_err(pg)?;
+                let n: i64 = r.try_get(1).map_err(pg)?;
+                Ok((KeyId(k), u32::try_from(n).unwrap_or(u32::MAX)))
             })
             .collect()
     }

@@ -24,6 +24,7 @@ use super::{
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
 use crate::points::{KeyId, Points, TransferId};
+use crate::tasks::{TaskRecord, TaskState};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -44,7 +45,8 @@ const CHAIN_RETENTION_MS: i64 = 3600 * 1000;
 /// How long a replay waits for the first call's write to become durable.
 const DURABLE_WAIT_MS: u64 = 30_000;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE accounts (
     key TEXT PRIMARY KEY,
     budget INTEGER NOT NULL,
@@ -96,7 +98,20 @@ CREATE TABLE keys (
     record TEXT NOT NULL
 );
 CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-"#];
+"#,
+    // v2: the task registry (one row per upstream task the gate charged).
+    r#"
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    checked_ms INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX tasks_open ON tasks (checked_ms) WHERE state = 'open';
+"#,
+];
 
 fn storage(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Storage(e.to_string())
@@ -1543,4 +1558,109 @@ pub(super) fn idem_outcome(
         }),
         _ => IdemBegin::InFlight,
     }
+}
+
+/// The task registry, stored beside the ledger so it is as durable as the charges.
+impl SqliteLedger {
+    pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
+        let json = serde_json::to_string(rec).map_err(storage)?;
+        let (id, key) = (rec.task_id.clone(), rec.key.0.clone());
+        let created = rec.created_at.timestamp_millis();
+        let state = rec.state.as_str();
+        self.custom(move |c| {
+            c.prepare_cached(
+                "INSERT OR IGNORE INTO tasks (task_id, key, state, created_ms, checked_ms, record) \
+                 VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+            )?
+            .execute(params![id, key, state, created, json])
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub(super) async fn task(&self, id: &str) -> Result<Option<TaskRecord>, LedgerError> {
+        let id = id.to_owned();
+        let row = self
+            .custom(move |c| {
+                c.prepare_cached("SELECT state, record FROM tasks WHERE task_id = ?1")?
+                    .query_row([id], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .optional()
+            })
+            .await?;
+        row.map(|(s, j)| task_from_row(&s, &j)).transpose()
+    }
+
+    pub(super) async fn end_task(
+        &self,
+        id: &str,
+        state: TaskState,
+        at_ms: i64,
+    ) -> Result<bool, LedgerError> {
+        let id = id.to_owned();
+        let n = self
+            .custom(move |c| {
+                c.prepare_cached(
+                    "UPDATE tasks SET state = ?2, checked_ms = ?3 WHERE task_id = ?1 AND state = 'open'",
+                )?
+                .execute(params![id, state.as_str(), at_ms])
+            })
+            .await?;
+        Ok(n == 1)
+    }
+
+    pub(super) async fn due_tasks(
+        &self,
+        checked_before_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, LedgerError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .custom(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT state, record FROM tasks WHERE state = 'open' AND checked_ms < ?1 \
+                     ORDER BY checked_ms LIMIT ?2",
+                )?;
+                let rows = st.query_map(params![checked_before_ms, limit], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.iter().map(|(s, j)| task_from_row(s, j)).collect()
+    }
+
+    pub(super) async fn touch_task(&self, id: &str, at_ms: i64) -> Result<(), LedgerError> {
+        let id = id.to_owned();
+        self.custom(move |c| {
+            c.prepare_cached("UPDATE tasks SET checked_ms = ?2 WHERE task_id = ?1")?
+                .execute(params![id, at_ms])
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub(super) async fn open_task_counts(&self) -> Result<Vec<(KeyId, u32)>, LedgerError> {
+        self.custom(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT key, COUNT(*) FROM tasks WHERE state = 'open' GROUP BY key",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    KeyId(r.get::<_, String>(0)?),
+                    u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await
+    }
+}
+
+/// A task row: the JSON record, with the `state` column as the authority.
+pub(super) fn task_from_row(state: &str, json: &str) -> Result<TaskRecord, LedgerError> {
+    let mut rec: TaskRecord = serde_json::from_str(json).map_err(storage)?;
+    rec.state = state.parse().map_err(storage)?;
+    Ok(rec)
 }

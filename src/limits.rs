@@ -1,0 +1,223 @@
+//! Per-key submit limits, checked before anything is reserved: a token bucket for
+//! submits per second, and a count of tasks in flight (submitted, not yet ended).
+//!
+//! State is per gate process, in `DashMap`s keyed by key id: the shard lock is held
+//! only for the few arithmetic steps of one check, never across an `.await`.
+
+use crate::points::KeyId;
+use dashmap::DashMap;
+use std::time::Instant;
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Why a submit was refused by a limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// Too many submits per second.
+    #[error("rate limit reached: at most {rps} submits per second for this key")]
+    Rate {
+        /// The key's limit.
+        rps: u32,
+    },
+    /// Too many tasks in flight.
+    #[error("concurrent-task limit reached: {limit} tasks of this key are still running")]
+    Concurrency {
+        /// The key's limit.
+        limit: u32,
+    },
+    /// The operator-wide cap on tasks in flight.
+    #[error("the gate's concurrent-task limit is reached; try again shortly")]
+    Global,
+}
+
+/// The limiters of one gate.
+#[derive(Default)]
+pub struct Limits {
+    buckets: DashMap<KeyId, Bucket>,
+    in_flight: DashMap<KeyId, u32>,
+    total: std::sync::atomic::AtomicU32,
+}
+
+/// A held concurrency slot; give it back with [`Limits::release`] when the task ends,
+/// or drop it with [`Slot::cancel`] when the submit did not create a task.
+#[derive(Debug)]
+#[must_use]
+pub struct Slot {
+    key: KeyId,
+    counted: bool,
+}
+
+impl Limits {
+    /// Take one token from the key's bucket, or refuse.
+    pub fn check_rate(
+        &self,
+        key: &KeyId,
+        rps: Option<u32>,
+        burst: Option<u32>,
+    ) -> Result<(), LimitError> {
+        let Some(rps) = rps.filter(|r| *r > 0) else {
+            return Ok(());
+        };
+        let cap = f64::from(burst.unwrap_or(rps).max(1));
+        let now = Instant::now();
+        let mut b = self.buckets.entry(key.clone()).or_insert(Bucket {
+            tokens: cap,
+            at: now,
+        });
+        let refill = now.duration_since(b.at).as_secs_f64() * f64::from(rps);
+        b.tokens = (b.tokens + refill).min(cap);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(LimitError::Rate { rps })
+        }
+    }
+
+    /// Count one more task in flight for the key, within its limit and the global cap.
+    pub fn acquire(
+        &self,
+        key: &KeyId,
+        limit: Option<u32>,
+        global: Option<u32>,
+    ) -> Result<Slot, LimitError> {
+        use std::sync::atomic::Ordering;
+        if let Some(g) = global {
+            let prev = self.total.fetch_add(1, Ordering::SeqCst);
+            if prev >= g {
+                self.total.fetch_sub(1, Ordering::SeqCst);
+                return Err(LimitError::Global);
+            }
+        } else {
+            self.total.fetch_add(1, Ordering::SeqCst);
+        }
+        let mut n = self.in_flight.entry(key.clone()).or_insert(0);
+        if let Some(l) = limit {
+            if *n >= l {
+                drop(n);
+                self.total.fetch_sub(1, Ordering::SeqCst);
+                return Err(LimitError::Concurrency { limit: l });
+            }
+        }
+        *n += 1;
+        Ok(Slot {
+            key: key.clone(),
+            counted: true,
+        })
+    }
+
+    /// The submit ended without creating a task: give the slot back.
+    pub fn cancel(&self, mut slot: Slot) {
+        if slot.counted {
+            self.release(&slot.key);
+            slot.counted = false;
+        }
+    }
+
+    /// A task of `key` ended (or the slot was not used).
+    pub fn release(&self, key: &KeyId) {
+        use std::sync::atomic::Ordering;
+        if let Some(mut n) = self.in_flight.get_mut(key) {
+            if *n > 0 {
+                *n -= 1;
+                let _ = self
+                    .total
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| t.checked_sub(1));
+            }
+        }
+    }
+
+    /// Set a key's count of tasks in flight (at start, from the task registry).
+    pub fn restore(&self, key: &KeyId, n: u32) {
+        use std::sync::atomic::Ordering;
+        let prev = self.in_flight.insert(key.clone(), n).unwrap_or(0);
+        self.total.fetch_add(n, Ordering::SeqCst);
+        self.total.fetch_sub(
+            prev.min(self.total.load(Ordering::SeqCst)),
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Tasks in flight for a key.
+    pub fn in_flight(&self, key: &KeyId) -> u32 {
+        self.in_flight.get(key).map(|n| *n).unwrap_or(0)
+    }
+
+    /// The slot became a task: keep it counted until [`Limits::release`].
+    pub fn keep(&self, mut slot: Slot) {
+        slot.counted = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(s: &str) -> KeyId {
+        KeyId(s.into())
+    }
+
+    #[test]
+    fn no_limits_means_no_refusals() {
+        let l = Limits::default();
+        for _ in 0..1000 {
+            l.check_rate(&k("a"), None, None).unwrap();
+            let s = l.acquire(&k("a"), None, None).unwrap();
+            l.keep(s);
+        }
+        assert_eq!(l.in_flight(&k("a")), 1000);
+    }
+
+    #[test]
+    fn rate_limit_allows_the_burst_then_refuses() {
+        let l = Limits::default();
+        for _ in 0..3 {
+            l.check_rate(&k("a"), Some(1), Some(3)).unwrap();
+        }
+        assert_eq!(
+            l.check_rate(&k("a"), Some(1), Some(3)),
+            Err(LimitError::Rate { rps: 1 })
+        );
+        // Another key has its own bucket.
+        l.check_rate(&k("b"), Some(1), Some(3)).unwrap();
+    }
+
+    #[test]
+    fn concurrency_limit_counts_tasks_until_released() {
+        let l = Limits::default();
+        let a = l.acquire(&k("a"), Some(2), None).unwrap();
+        l.keep(a);
+        let b = l.acquire(&k("a"), Some(2), None).unwrap();
+        assert!(matches!(
+            l.acquire(&k("a"), Some(2), None),
+            Err(LimitError::Concurrency { limit: 2 })
+        ));
+        l.cancel(b);
+        let c = l.acquire(&k("a"), Some(2), None).unwrap();
+        l.keep(c);
+        l.release(&k("a"));
+        assert_eq!(l.in_flight(&k("a")), 1);
+    }
+
+    #[test]
+    fn global_cap_holds_across_keys() {
+        let l = Limits::default();
+        let a = l.acquire(&k("a"), None, Some(2)).unwrap();
+        let b = l.acquire(&k("b"), None, Some(2)).unwrap();
+        assert_eq!(
+            l.acquire(&k("c"), None, Some(2)).unwrap_err(),
+            LimitError::Global
+        );
+        l.cancel(a);
+        l.keep(b);
+        l.acquire(&k("c"), None, Some(2))
+            .map(|s| l.keep(s))
+            .unwrap();
+    }
+}
