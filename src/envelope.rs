@@ -60,15 +60,37 @@ pub fn error_body(code: Code, msg: &str) -> Vec<u8> {
     })
 }
 
-/// A compact success envelope around `data`.
-pub fn ok_body(data: &serde_json::Value) -> Vec<u8> {
-    let env = serde_json::json!({"code": 0, "success": true, "msg": "success", "data": data});
-    serde_json::to_vec(&env).unwrap_or_default()
+/// A compact success envelope around `data`, fields in the upstream's order
+/// (`code`, `success`, `msg`, `data`): some clients match the raw text.
+pub fn ok_body<T: Serialize>(data: &T) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Env<'a, T> {
+        code: i64,
+        success: bool,
+        msg: &'a str,
+        data: &'a T,
+    }
+    serde_json::to_vec(&Env {
+        code: 0,
+        success: true,
+        msg: "success",
+        data,
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ok_body_keeps_the_upstreams_field_order() {
+        let b = ok_body(&serde_json::json!({"a": 1}));
+        assert_eq!(
+            std::str::from_utf8(&b).unwrap(),
+            r#"{"code":0,"success":true,"msg":"success","data":{"a":1}}"#
+        );
+    }
 
     #[test]
     fn error_body_is_compact_with_unescaped_slashes() {

@@ -30,7 +30,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -240,6 +240,15 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
                     return Err(rej);
                 }
             };
+            audit_transition(
+                gate,
+                &key,
+                &reservation.id,
+                "reserve",
+                reservation.points,
+                reservation.remaining,
+            )
+            .await;
             // The upstream calls the gate back (with the gate's nonce) when the
             // client asked for a callback and the gate has a public URL.
             let plan = tasks::plan_callback(gate.cfg.public_url.as_deref(), &body);
@@ -628,6 +637,7 @@ async fn upstream_callback(
 struct Reservation {
     id: TransferId,
     points: Points,
+    remaining: Points,
 }
 
 /// Reserve: hold the quoted points on the client's budget, durably, in one atomic
@@ -641,7 +651,15 @@ async fn reserve(
     let points = Points(key.charge_for(quote.points.get()));
     let id = TransferId(request_id.to_owned());
     match gate.ledger.reserve(&key.id, points, &id).await {
-        Ok(_) => Ok(Reservation { id, points }),
+        Ok(r) => {
+            gate.metrics
+                .points(key.id.as_str(), "reserved", points.get());
+            Ok(Reservation {
+                id,
+                points,
+                remaining: r.remaining,
+            })
+        }
         Err(e) => Err(ledger_reject(e)),
     }
 }
@@ -830,10 +848,31 @@ async fn settle(
             }
         }
     };
+    let started = Instant::now();
     let settled = match charge {
         Some(p) => gate.ledger.commit(&r.id, p).await?,
         None => gate.ledger.void(&r.id).await?,
     };
+    gate.metrics.ledger_commit.observe(started.elapsed());
+    match charge {
+        Some(p) => gate.metrics.points(key.id.as_str(), "charged", p.get()),
+        None => gate
+            .metrics
+            .points(key.id.as_str(), "voided", r.points.get()),
+    }
+    if charge.is_some() && s.upstream_points != quote.points {
+        gate.metrics
+            .price_drift(quote.points.get(), s.upstream_points.get());
+    }
+    audit_transition(
+        gate,
+        key,
+        &r.id,
+        if charge.is_some() { "commit" } else { "void" },
+        charge.unwrap_or(r.points),
+        settled.remaining,
+    )
+    .await;
     s.charged = charge.unwrap_or(Points::ZERO);
     s.remaining = settled.remaining;
     s.settled = Some(settled);
@@ -890,12 +929,25 @@ fn rewrite_submit(body: &[u8], charged: Points, remaining: Points) -> Vec<u8> {
 /// operator's upstream balance is never shown.
 async fn client_detail(gate: &Gate, key: &KeyRecord) -> Result<Outcome, Reject> {
     let acc = gate.ledger.account(&key.id).await.map_err(ledger_reject)?;
-    let data = json!({
-        "companyName": key.name,
-        "balance": acc.remaining.get(),
-        "used": acc.spent.get(),
-        "taskLimitCount": key.concurrency.unwrap_or(0),
-    });
+    /// The upstream's own field order.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Detail<'a> {
+        company_name: &'a str,
+        balance: u64,
+        used: u64,
+        task_limit_count: u32,
+    }
+    let data = Detail {
+        company_name: &key.name,
+        balance: acc.remaining.get(),
+        used: acc.spent.get(),
+        // The key's own limit; else the operator-wide cap; 0 when neither is set.
+        task_limit_count: key
+            .concurrency
+            .or(gate.cfg.tasks.global_concurrency)
+            .unwrap_or(0),
+    };
     Ok(Outcome::Made {
         status: 200,
         body: envelope::ok_body(&data),
@@ -1007,6 +1059,28 @@ async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
     if let Some(u) = t.upstream_latency {
         m.insert("upstream_ms".into(), Value::from(u.as_secs_f64() * 1000.0));
     }
+    if let Err(e) = gate.audit.record(m).await {
+        tracing::error!(error = %e, "audit record failed");
+    }
+}
+
+/// One audit record per ledger transition of a request (reserve, commit, void).
+async fn audit_transition(
+    gate: &Gate,
+    key: &KeyRecord,
+    id: &TransferId,
+    transition: &'static str,
+    points: Points,
+    remaining: Points,
+) {
+    let mut m = Map::new();
+    m.insert("event".into(), Value::from("ledger"));
+    m.insert("transition".into(), Value::from(transition));
+    m.insert("request_id".into(), Value::from(id.as_str()));
+    m.insert("key_id".into(), Value::from(key.id.as_str()));
+    m.insert("key_name".into(), Value::from(key.name.as_str()));
+    m.insert("points".into(), Value::from(points.get()));
+    m.insert("remaining".into(), Value::from(remaining.get()));
     if let Err(e) = gate.audit.record(m).await {
         tracing::error!(error = %e, "audit record failed");
     }

@@ -66,6 +66,11 @@ pub struct Metrics {
     pub upstream_latency: Histogram,
     /// Time the gate itself added (total minus upstream).
     pub gate_overhead: Histogram,
+    /// Time a settlement (commit or void) took to become durable.
+    pub ledger_commit: Histogram,
+    drift_requests: AtomicU64,
+    drift_over: AtomicU64,
+    drift_under: AtomicU64,
 }
 
 impl Metrics {
@@ -115,6 +120,16 @@ impl Metrics {
             .fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The upstream's `used` differed from the gate's price.
+    pub fn price_drift(&self, quoted: u64, used: u64) {
+        self.drift_requests.fetch_add(1, Ordering::Relaxed);
+        if used > quoted {
+            self.drift_over.fetch_add(used - quoted, Ordering::Relaxed);
+        } else {
+            self.drift_under.fetch_add(quoted - used, Ordering::Relaxed);
+        }
+    }
+
     /// Render all metrics in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -153,6 +168,21 @@ impl Metrics {
         self.upstream_latency
             .render("gate_upstream_latency_seconds", &mut out);
         self.gate_overhead.render("gate_overhead_seconds", &mut out);
+        self.ledger_commit
+            .render("gate_ledger_commit_seconds", &mut out);
+        let _ = writeln!(
+            out,
+            "# TYPE gate_price_drift_requests_total counter\ngate_price_drift_requests_total {}",
+            self.drift_requests.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE gate_price_drift_points_total counter\n\
+             gate_price_drift_points_total{{direction=\"upstream_higher\"}} {}\n\
+             gate_price_drift_points_total{{direction=\"upstream_lower\"}} {}",
+            self.drift_over.load(Ordering::Relaxed),
+            self.drift_under.load(Ordering::Relaxed)
+        );
         out
     }
 }

@@ -236,6 +236,60 @@ async fn metrics_count_requests_by_endpoint_and_decision() {
     assert!(text.contains("gate_requests_total{endpoint=\"draw\",decision=\"budget\"} 1"));
     assert!(text.contains("gate_budget_remaining_points{key="));
     assert!(text.contains("gate_overhead_seconds_bucket"));
+    assert!(
+        text.contains("gate_ledger_commit_seconds_count 1"),
+        "{text}"
+    );
+    assert!(text.contains(",kind=\"charged\"} 12"), "{text}");
+    assert!(text.contains(",kind=\"reserved\"} 12"), "{text}");
+    assert!(text.contains("gate_reservations_in_flight 0"));
+    assert!(text.contains("gate_price_drift_requests_total 0"));
+}
+
+#[tokio::test]
+async fn refuses_a_non_loopback_admin_listener_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = gate_config(dir.path(), "http://127.0.0.1:1", "t");
+    cfg.admin_listen = "0.0.0.0:0".parse().unwrap();
+    cfg.admin_token = chuzhan_gate::config::Secret::default();
+    match chuzhan_gate::server::start(cfg).await {
+        Err(e) => assert!(e.to_string().contains("GATE_ADMIN_TOKEN"), "{e}"),
+        Ok(_) => panic!("must refuse"),
+    }
+}
+
+#[tokio::test]
+async fn every_ledger_transition_of_a_request_is_audited() {
+    let env = Env::new().await;
+    let (id, secret) = env.key(json!({"name": "a", "budget": 100})).await;
+    let (_, v, headers) = env.post("/aiapi/v1/draw", &secret, SEED_768).await;
+    assert_eq!(v["code"], 0);
+    let rid = headers["x-request-id"].to_str().unwrap().to_owned();
+    env.gate().gate.audit.flush().await.unwrap();
+    let recs = chuzhan_gate::audit::query(
+        &env.gate().gate.cfg.audit_dir(),
+        &chuzhan_gate::audit::Filter {
+            key: Some(id),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let of_request: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["request_id"] == rid.as_str())
+        .collect();
+    let transitions: Vec<&str> = of_request
+        .iter()
+        .filter_map(|r| r["transition"].as_str())
+        .collect();
+    assert_eq!(transitions, ["reserve", "commit"]);
+    let decision = of_request.iter().find(|r| r["event"] == "request").unwrap();
+    assert_eq!(decision["decision"], "admitted");
+    assert_eq!(decision["charged"], 12);
+    assert_eq!(decision["table_version"], "2026-11-default");
+    assert_eq!(decision["key_name"], "a");
+    assert!(decision["task_id"].is_string());
+    assert_eq!(decision["upstream_status"], 200);
 }
 
 #[tokio::test]

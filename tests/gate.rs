@@ -41,7 +41,12 @@ async fn client_detail_shows_the_clients_own_account_not_the_operators() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let v: Value = resp.json().await.unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.starts_with(r#"{"code":0,"success":true,"msg":"success","data":{"companyName":"bob's shop","balance":38,"#),
+        "compact, in the upstream's field order: {text}"
+    );
+    let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["code"], 0);
     assert_eq!(v["data"]["balance"], 38);
     assert_eq!(v["data"]["used"], 12);

@@ -187,6 +187,7 @@ conformance!(
     admits_exactly_what_fits_with_equal_sizes_that_leave_a_remainder,
     resolves_reservations_left_pending_by_a_stopped_instance,
     ping_and_close_work,
+    replays_and_refunds_transfers_settled_long_ago,
 );
 
 // ---------------------------------------------------------------------------
@@ -832,6 +833,46 @@ async fn resolves_reservations_left_pending_by_a_stopped_instance(fx: &Fx) {
     assert_clean(&l).await;
 }
 
+async fn replays_and_refunds_transfers_settled_long_ago(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let l = fx.open(Arc::new(clock.clone())).await;
+    let k = key("key_old");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(10), &tid("old1")).await.unwrap();
+    l.commit(&tid("old1"), Points(8)).await.unwrap();
+    l.reserve(&k, Points(10), &tid("old2")).await.unwrap();
+    l.void(&tid("old2")).await.unwrap();
+    // Hours later the housekeeping in expire_pending has forgotten them in memory
+    // (embedded ledger); the file still answers.
+    clock.advance(Duration::hours(3));
+    assert!(l.expire_pending().await.unwrap().is_empty());
+    let r = l.reserve(&k, Points(10), &tid("old1")).await.unwrap();
+    assert_eq!(r.points, Points(10));
+    assert_eq!(l.account(&k).await.unwrap().reserved, Points(0));
+    let c = l.commit(&tid("old1"), Points(50)).await.unwrap();
+    assert!(c.replay && c.points == Points(8), "{c:?}");
+    assert!(matches!(
+        l.commit(&tid("old2"), Points(1)).await,
+        Err(LedgerError::Conflict(_))
+    ));
+    let f = l.refund(&tid("old1")).await.unwrap();
+    assert!(!f.replay && f.points == Points(8), "{f:?}");
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(0));
+    // And after a restart.
+    drop(l);
+    let l = fx.open(Arc::new(clock.clone())).await;
+    let f = l.refund(&tid("old1")).await.unwrap();
+    assert!(f.replay && f.points == Points(8), "{f:?}");
+    let v = l.void(&tid("old2")).await.unwrap();
+    assert!(v.replay && v.points == Points(10), "{v:?}");
+    l.reserve(&k, Points(10), &tid("old2")).await.unwrap();
+    let a = l.account(&k).await.unwrap();
+    assert_eq!((a.spent, a.reserved), (Points(0), Points(0)));
+    assert_clean(&l).await;
+}
+
 async fn ping_and_close_work(fx: &Fx) {
     let l = fx.open(system()).await;
     l.ping().await.unwrap();
@@ -907,6 +948,39 @@ async fn postgres_unreachable_server_fails_to_open() {
         Ledger::open(&cfg, system()).await,
         Err(LedgerError::Storage(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_refuses_a_second_writer_on_the_same_file() {
+    let fx = Fx::sqlite();
+    let first = fx.open(system()).await;
+    first
+        .open_account(&key("key_lock"), Points(5), Period::None, "admin", "")
+        .await
+        .unwrap();
+    match Ledger::open(&fx.cfg(), system()).await {
+        Err(LedgerError::Storage(msg)) => assert!(msg.contains("in use"), "{msg}"),
+        other => panic!("a second writer was let in: {other:?}"),
+    }
+    // Read-only verification is fine alongside the writer.
+    assert_eq!(verify_cmd(&fx.cfg()).await, 0);
+    drop(first);
+    let again = fx.open(system()).await;
+    assert_eq!(
+        again.account(&key("key_lock")).await.unwrap().budget,
+        Points(5)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_cmd_exits_2_when_the_ledger_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LedgerConfig {
+        path: Some(dir.path().join("absent.db")),
+        ..LedgerConfig::default()
+    };
+    assert_eq!(verify_cmd(&cfg).await, 2);
+    assert!(!dir.path().join("absent.db").exists());
 }
 
 // ---------------------------------------------------------------------------
@@ -1088,4 +1162,46 @@ async fn sqlite_survives_sigkill_under_load() {
         committed.len(),
         voided.len()
     );
+}
+
+/// A submit with an Idempotency-Key in flight when the gate stopped must not block
+/// the client's retries: after restart the retry gets a definite answer, and no
+/// second charge is possible.
+#[tokio::test]
+async fn an_idempotency_key_left_in_flight_by_a_stop_answers_definitely_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LedgerConfig {
+        backend: BackendKind::Sqlite,
+        path: Some(dir.path().join("ledger.db")),
+        ..LedgerConfig::default()
+    };
+    let clock: SharedClock = Arc::new(SystemClock);
+    let key = KeyId("key_idem_crash".into());
+    let hash = [7u8; 32];
+    {
+        let l = Ledger::open(&cfg, clock.clone()).await.unwrap();
+        l.open_account(&key, Points(100), Period::None, "t", "t")
+            .await
+            .unwrap();
+        assert!(matches!(
+            l.idem_begin(&key, "order-1", &hash).await.unwrap(),
+            IdemBegin::New
+        ));
+        l.reserve(&key, Points(12), &TransferId("req-1".into()))
+            .await
+            .unwrap();
+        // Stopped here: neither settled nor finished.
+    }
+    let l = Ledger::open(&cfg, clock).await.unwrap();
+    match l.idem_begin(&key, "order-1", &hash).await.unwrap() {
+        IdemBegin::Replay(a) => {
+            let text = String::from_utf8(a.body).unwrap();
+            assert!(text.contains("interrupted"), "{text}");
+        }
+        _ => panic!("a retry after restart must get a definite answer"),
+    }
+    // The reservation was settled by the default policy (charge), once.
+    let acc = l.account(&key).await.unwrap();
+    assert_eq!((acc.spent.get(), acc.reserved.get()), (12, 0));
+    assert!(l.verify().await.unwrap().is_clean());
 }

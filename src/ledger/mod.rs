@@ -45,6 +45,7 @@
 //! trusted to match the file, and reopening rebuilds it from the file.
 
 mod cli;
+mod idfilter;
 mod postgres;
 mod sqlite;
 
@@ -357,7 +358,9 @@ impl std::fmt::Debug for Ledger {
     }
 }
 
-/// Enum dispatch keeps the API free of `dyn` and async-trait.
+/// Enum dispatch keeps the API free of `dyn` and async-trait. There is one
+/// value per ledger, behind the handle's `Arc`, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     Sqlite(sqlite::SqliteLedger),
     Postgres(postgres::PgLedger),
@@ -389,6 +392,23 @@ impl Ledger {
             inner: Arc::new(backend),
             clock,
         })
+    }
+
+    /// Verifies the store named by `cfg` without opening the ledger: read-only,
+    /// no migrations, no crash recovery — safe while a gate serves from it.
+    /// Reservations a crashed gate left pending count as pending, not as
+    /// mismatches; the next open resolves them.
+    pub async fn verify_store(cfg: &LedgerConfig) -> Result<VerifyReport, LedgerError> {
+        match cfg.backend {
+            BackendKind::Sqlite => {
+                let path = cfg
+                    .path
+                    .clone()
+                    .ok_or_else(|| LedgerError::Config("ledger.path is not set".into()))?;
+                sqlite::verify_file(path).await
+            }
+            BackendKind::Postgres => postgres::verify_url(cfg).await,
+        }
     }
 
     /// Opens an account for a key. An existing account is a `Conflict`.

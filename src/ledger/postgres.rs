@@ -285,11 +285,17 @@ pub(super) struct PgLedger {
     refund_sql: String,
 }
 
+/// Verifies a PostgreSQL ledger without migrating it or resolving orphans.
+pub(super) async fn verify_url(cfg: &LedgerConfig) -> Result<VerifyReport, LedgerError> {
+    let mut cfg = cfg.clone();
+    cfg.pool_size = 1;
+    let ledger = PgLedger::connect(&cfg, std::sync::Arc::new(crate::clock::SystemClock))?;
+    ledger.verify().await
+}
+
 impl PgLedger {
-    pub(super) async fn open(
-        cfg: &LedgerConfig,
-        clock: SharedClock,
-    ) -> Result<PgLedger, LedgerError> {
+    /// A pool on the configured database; no statement is run yet.
+    fn connect(cfg: &LedgerConfig, clock: SharedClock) -> Result<PgLedger, LedgerError> {
         let url = cfg
             .url
             .as_deref()
@@ -326,7 +332,7 @@ impl PgLedger {
             .max_size(cfg.pool_size.max(1))
             .build()
             .map_err(pool_err)?;
-        let ledger = PgLedger {
+        Ok(PgLedger {
             pool,
             clock,
             tz,
@@ -336,7 +342,14 @@ impl PgLedger {
             reserve_sql: with_periods(RESERVE, "$6", "$7", "$8"),
             commit_sql: with_periods(COMMIT, "$4", "$5", "$6"),
             refund_sql: with_periods(REFUND, "$3", "$4", "$5"),
-        };
+        })
+    }
+
+    pub(super) async fn open(
+        cfg: &LedgerConfig,
+        clock: SharedClock,
+    ) -> Result<PgLedger, LedgerError> {
+        let ledger = PgLedger::connect(cfg, clock)?;
         ledger.migrate(cfg.schema.as_deref()).await?;
         // Only this instance's orphans: other replicas may be serving theirs.
         let client = ledger.pool.get().await.map_err(pool_err)?;

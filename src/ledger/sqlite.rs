@@ -15,6 +15,7 @@
 //! example a CLI changing budgets while `serve` runs) would not see this
 //! process's in-memory state. `verify` only reads, so it is safe alongside.
 
+use super::idfilter::IdFilter;
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for, AccountRow,
     AccountState, AccountView, AdminOp, ChainRow, ChainState, IdemBegin, LedgerConfig, LedgerError,
@@ -42,9 +43,16 @@ const READERS: usize = 4;
 /// Settled chains stay in memory this long, so replays and refunds of recent
 /// requests need no disk read; older ones are looked up in the file.
 const CHAIN_RETENTION_MS: i64 = 3600 * 1000;
+/// How often the writer copies the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// How long a replay waits for the first call's write to become durable.
 const DURABLE_WAIT_MS: u64 = 30_000;
 
+/// The schema. Write volume is what limits a durable SQLite ledger (every
+/// dirtied B-tree page is a WAL frame), so random-keyed indexes are kept to one
+/// per chain: `chains` is keyed by id (WITHOUT ROWID) and holds the results a
+/// replay needs; `transfers` is append-only by sequence with no secondary index;
+/// `pending` is small and stays hot.
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE accounts (
@@ -70,18 +78,21 @@ CREATE TABLE transfers (
     note TEXT NOT NULL,
     at_ms INTEGER NOT NULL
 );
-CREATE UNIQUE INDEX transfers_chain ON transfers (id, kind) WHERE id IS NOT NULL;
 CREATE TABLE chains (
     id TEXT PRIMARY KEY,
     key TEXT NOT NULL,
     reserved INTEGER NOT NULL,
     state TEXT NOT NULL,
     settled INTEGER,
+    overage INTEGER NOT NULL DEFAULT 0,
+    reserve_remaining INTEGER NOT NULL,
+    settle_remaining INTEGER,
+    refund_remaining INTEGER,
     owner TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
     settled_ms INTEGER
-);
-CREATE INDEX chains_pending ON chains (state) WHERE state = 'pending';
+) WITHOUT ROWID;
+CREATE TABLE pending (id TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE idem (
     key TEXT NOT NULL,
     idem_key TEXT NOT NULL,
@@ -158,13 +169,22 @@ enum ChainWrite {
         id: TransferId,
         key: KeyId,
         reserved: u64,
+        remaining: u64,
         owner: Arc<str>,
         created_ms: i64,
     },
-    Transition {
+    /// A commit or void: the chain leaves `pending`.
+    Settle {
         id: TransferId,
         state: ChainState,
         settled: Option<u64>,
+        overage: u64,
+        remaining: u64,
+        at_ms: i64,
+    },
+    Refund {
+        id: TransferId,
+        remaining: u64,
         at_ms: i64,
     },
 }
@@ -255,7 +275,12 @@ pub(super) struct SqliteLedger {
     /// Serialises loading an evicted chain from the file with evicting chains,
     /// so a chain is never re-loaded from a stale row.
     load_lock: Mutex<()>,
+    /// Ids in the file but not in `chains` (see `idfilter`). Replaced, under
+    /// `load_lock`, when it gets crowded.
+    on_disk: std::sync::RwLock<IdFilter>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Held for the ledger's life; see `take_writer_lock`.
+    _writer_lock: Mutex<Connection>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     fail: Arc<FailStop>,
     readers: Arc<Readers>,
@@ -327,13 +352,15 @@ fn load_accounts(conn: &Connection) -> rusqlite::Result<Vec<AccountRow>> {
     rows.collect()
 }
 
-fn load_chains(conn: &Connection, only_pending: bool) -> rusqlite::Result<Vec<(ChainRow, i64)>> {
-    let sql = if only_pending {
-        "SELECT id, key, reserved, state, settled, created_ms FROM chains WHERE state = 'pending'"
-    } else {
-        "SELECT id, key, reserved, state, settled, created_ms FROM chains ORDER BY id"
-    };
-    let mut stmt = conn.prepare(sql)?;
+/// A pending chain loaded at open: the row and its creation time and the
+/// remaining reported by its reservation.
+type PendingRow = (ChainRow, i64, i64);
+
+fn load_pending(conn: &Connection) -> rusqlite::Result<Vec<PendingRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT c.id, c.key, c.reserved, c.state, c.settled, c.created_ms, c.reserve_remaining \
+         FROM pending p JOIN chains c ON c.id = p.id",
+    )?;
     let rows = stmt.query_map([], |r| {
         Ok((
             ChainRow {
@@ -344,7 +371,55 @@ fn load_chains(conn: &Connection, only_pending: bool) -> rusqlite::Result<Vec<(C
                 settled: r.get(4)?,
             },
             r.get(5)?,
+            r.get(6)?,
         ))
+    })?;
+    rows.collect()
+}
+
+/// A filter of every chain id in the file (pending ones are in memory too,
+/// which does no harm), sized with room to grow.
+fn load_id_filter(conn: &Connection) -> rusqlite::Result<IdFilter> {
+    let count: i64 = conn.query_row("SELECT count(*) FROM chains", [], |r| r.get(0))?;
+    let filter = IdFilter::with_capacity(to_u64(count).saturating_mul(4));
+    let mut stmt = conn.prepare("SELECT id FROM chains")?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        filter.insert(row.get_ref(0)?.as_str()?);
+    }
+    tracing::debug!(ids = filter.len(), "ledger id filter loaded");
+    Ok(filter)
+}
+
+fn load_chains(conn: &Connection) -> rusqlite::Result<Vec<ChainRow>> {
+    let mut stmt = conn.prepare("SELECT id, key, reserved, state, settled FROM chains")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(ChainRow {
+            id: r.get(0)?,
+            key: r.get(1)?,
+            reserved: r.get(2)?,
+            state: r.get(3)?,
+            settled: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Chains whose presence in `pending` disagrees with their state.
+fn pending_mismatches(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT c.id, c.state, p.id IS NOT NULL FROM chains c LEFT JOIN pending p ON p.id = c.id \
+         WHERE (c.state = 'pending') <> (p.id IS NOT NULL) \
+         UNION ALL SELECT p.id, 'missing', 1 FROM pending p LEFT JOIN chains c ON c.id = p.id \
+         WHERE c.id IS NULL",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let (id, state, listed): (String, String, bool) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        Ok(if listed {
+            format!("chain {id} is listed as pending but is {state}")
+        } else {
+            format!("chain {id} is pending but not listed as pending")
+        })
     })?;
     rows.collect()
 }
@@ -368,85 +443,75 @@ fn load_transfers(conn: &Connection) -> rusqlite::Result<Vec<TransferRow>> {
     rows.collect()
 }
 
-/// The reserve transfer's key, points and remaining for a chain in the file.
+/// The reservation's key, points and remaining for a chain in the file.
 fn stored_reserve(conn: &Connection, id: &str) -> rusqlite::Result<Option<(String, i64, i64)>> {
-    conn.prepare_cached(
-        "SELECT key, points, remaining FROM transfers WHERE id = ?1 AND kind = 'reserve'",
-    )?
-    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-    .optional()
+    conn.prepare_cached("SELECT key, reserved, reserve_remaining FROM chains WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
 }
 
-/// A chain's state and its settlement transfers as stored in the file.
+/// A chain and the results of its transitions as stored in the file.
 struct StoredChain {
     key: String,
     reserved: i64,
     state: ChainState,
+    settled: Option<i64>,
+    overage: i64,
     created_ms: i64,
     reserve_remaining: i64,
-    /// (kind, points, overage, remaining) of the commit/void/refund rows.
-    settlements: Vec<(String, i64, i64, i64)>,
+    settle_remaining: Option<i64>,
+    refund_remaining: Option<i64>,
 }
 
 fn stored_chain(conn: &Connection, id: &str) -> rusqlite::Result<Option<StoredChain>> {
-    let head = conn
-        .prepare_cached("SELECT key, reserved, state, created_ms FROM chains WHERE id = ?1")?
-        .query_row([id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
+    conn.prepare_cached(
+        "SELECT key, reserved, state, settled, overage, created_ms, reserve_remaining, \
+         settle_remaining, refund_remaining FROM chains WHERE id = ?1",
+    )?
+    .query_row([id], |r| {
+        let state: String = r.get(2)?;
+        Ok(StoredChain {
+            key: r.get(0)?,
+            reserved: r.get(1)?,
+            state: ChainState::parse(&state).unwrap_or(ChainState::Pending),
+            settled: r.get(3)?,
+            overage: r.get(4)?,
+            created_ms: r.get(5)?,
+            reserve_remaining: r.get(6)?,
+            settle_remaining: r.get(7)?,
+            refund_remaining: r.get(8)?,
         })
-        .optional()?;
-    let Some((key, reserved, state, created_ms)) = head else {
-        return Ok(None);
-    };
-    let mut stmt = conn.prepare_cached(
-        "SELECT kind, points, overage, remaining FROM transfers WHERE id = ?1 ORDER BY seq",
-    )?;
-    let mut settlements = Vec::new();
-    let mut reserve_remaining = 0;
-    for row in stmt.query_map([id], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
-        ))
-    })? {
-        let row = row?;
-        if row.0 == "reserve" {
-            reserve_remaining = row.3;
-        } else {
-            settlements.push(row);
-        }
-    }
-    Ok(Some(StoredChain {
-        key,
-        reserved,
-        state: ChainState::parse(&state).unwrap_or(ChainState::Pending),
-        created_ms,
-        reserve_remaining,
-        settlements,
-    }))
+    })
+    .optional()
 }
 
 impl StoredChain {
-    fn settled(&self, id: &TransferId, kind: SettleKind) -> Option<Settled> {
-        self.settlements
-            .iter()
-            .find(|s| s.0 == kind.as_str())
-            .map(|s| Settled {
-                key: KeyId(self.key.clone()),
-                id: id.clone(),
-                kind,
-                points: Points(to_u64(s.1)),
-                overage: Points(to_u64(s.2)),
-                remaining: Points(to_u64(s.3)),
-                replay: true,
-            })
+    /// The first result of the commit/void (`refund == false`) or the refund.
+    fn result(&self, id: &TransferId, refund: bool) -> Option<Settled> {
+        let (kind, points, overage, remaining) = match (self.state, refund) {
+            (ChainState::Committed | ChainState::Refunded, false) => (
+                SettleKind::Commit,
+                self.settled?,
+                self.overage,
+                self.settle_remaining?,
+            ),
+            (ChainState::Voided, false) => {
+                (SettleKind::Void, self.reserved, 0, self.settle_remaining?)
+            }
+            (ChainState::Refunded, true) => {
+                (SettleKind::Refund, self.settled?, 0, self.refund_remaining?)
+            }
+            _ => return None,
+        };
+        Some(Settled {
+            key: KeyId(self.key.clone()),
+            id: id.clone(),
+            kind,
+            points: Points(to_u64(points)),
+            overage: Points(to_u64(overage)),
+            remaining: Points(to_u64(remaining)),
+            replay: true,
+        })
     }
 }
 
@@ -456,6 +521,7 @@ fn writer_loop(
     chains: Arc<DashMap<TransferId, Chain>>,
     fail: Arc<FailStop>,
 ) {
+    let mut last_checkpoint = std::time::Instant::now();
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(64);
         batch.push(first);
@@ -489,7 +555,17 @@ fn writer_loop(
                 finish_all(batch, Err(e));
             }
         }
+        // Checkpoint between batches, after the callers have their answers:
+        // the WAL is copied into the database and, since no write is in
+        // progress, the next batch starts the WAL over instead of growing it.
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, "ledger WAL checkpoint failed");
+            }
+            last_checkpoint = std::time::Instant::now();
+        }
     }
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn finish_all(batch: Vec<Job>, res: Result<(), String>) {
@@ -606,37 +682,58 @@ fn apply_write(conn: &Connection, w: &WriteJob) -> rusqlite::Result<()> {
             id,
             key,
             reserved,
+            remaining,
             owner,
             created_ms,
         }) => {
             conn.prepare_cached(
-                "INSERT INTO chains (id, key, reserved, state, owner, created_ms) \
-                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5)",
+                "INSERT INTO chains (id, key, reserved, state, reserve_remaining, owner, created_ms) \
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
             )?
             .execute(params![
                 id.as_str(),
                 key.as_str(),
                 *reserved as i64,
+                *remaining as i64,
                 &**owner,
                 created_ms
             ])?;
+            conn.prepare_cached("INSERT INTO pending (id) VALUES (?1)")?
+                .execute([id.as_str()])?;
         }
-        Some(ChainWrite::Transition {
+        Some(ChainWrite::Settle {
             id,
             state,
             settled,
+            overage,
+            remaining,
             at_ms,
         }) => {
             conn.prepare_cached(
-                "UPDATE chains SET state = ?2, settled = COALESCE(?3, settled), settled_ms = ?4 \
-                 WHERE id = ?1",
+                "UPDATE chains SET state = ?2, settled = ?3, overage = ?4, settle_remaining = ?5, \
+                 settled_ms = ?6 WHERE id = ?1",
             )?
             .execute(params![
                 id.as_str(),
                 state.as_str(),
                 settled.map(|s| s as i64),
+                *overage as i64,
+                *remaining as i64,
                 at_ms
             ])?;
+            conn.prepare_cached("DELETE FROM pending WHERE id = ?1")?
+                .execute([id.as_str()])?;
+        }
+        Some(ChainWrite::Refund {
+            id,
+            remaining,
+            at_ms,
+        }) => {
+            conn.prepare_cached(
+                "UPDATE chains SET state = 'refunded', refund_remaining = ?2, settled_ms = ?3 \
+                 WHERE id = ?1",
+            )?
+            .execute(params![id.as_str(), *remaining as i64, at_ms])?;
         }
         None => {}
     }
@@ -701,29 +798,35 @@ impl SqliteLedger {
                     std::fs::create_dir_all(dir).map_err(storage)?;
                 }
             }
+            let writer_lock = take_writer_lock(&path)?;
             let mut writer = open_conn(&path)?;
             migrate(&mut writer)?;
+            // The writer checkpoints itself after answering a batch (see
+            // `writer_loop`) rather than inside a commit its callers wait on.
+            writer
+                .pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(storage)?;
             let accounts = load_accounts(&writer).map_err(storage)?;
-            let pending = load_chains(&writer, true).map_err(storage)?;
-            let mut pending_full = Vec::with_capacity(pending.len());
-            for (row, created) in pending {
-                let remaining = stored_reserve(&writer, &row.id)
-                    .map_err(storage)?
-                    .map(|r| r.2)
-                    .unwrap_or(0);
-                pending_full.push((row, created, remaining));
-            }
+            let pending_full = load_pending(&writer).map_err(storage)?;
+            let on_disk = load_id_filter(&writer).map_err(storage)?;
             let mut readers = Vec::with_capacity(READERS);
             for _ in 0..READERS {
                 let r = open_conn(&path)?;
                 r.pragma_update(None, "query_only", "ON").map_err(storage)?;
                 readers.push(Mutex::new(r));
             }
-            Ok((writer, accounts, pending_full, readers))
+            Ok((
+                writer,
+                accounts,
+                pending_full,
+                readers,
+                on_disk,
+                writer_lock,
+            ))
         })
         .await
         .map_err(storage)??;
-        let (writer_conn, accounts, pending, readers) = open;
+        let (writer_conn, accounts, pending, readers, on_disk, writer_lock) = open;
 
         let chains = Arc::new(DashMap::new());
         let fail = Arc::new(FailStop::default());
@@ -743,7 +846,9 @@ impl SqliteLedger {
                 .collect(),
             chains,
             load_lock: Mutex::new(()),
+            on_disk: std::sync::RwLock::new(on_disk),
             queue: Mutex::new(Some(tx)),
+            _writer_lock: Mutex::new(writer_lock),
             writer: Mutex::new(Some(writer)),
             fail,
             readers: Arc::new(Readers {
@@ -792,6 +897,23 @@ impl SqliteLedger {
         for (id, reserved) in orphans {
             ledger.resolve(&id, reserved, "recovery", &note).await?;
         }
+        // Idempotency records left in flight by the previous run would answer
+        // "still in progress" to every retry until they expire. Their requests
+        // were settled just above, so a retry gets a definite answer instead —
+        // never a second upstream call (which could charge twice).
+        let interrupted = crate::envelope::error_body(
+            crate::envelope::Code::Internal,
+            "the first request with this Idempotency-Key was interrupted by a gate restart; \
+             its outcome is unknown and its reservation was settled by the pending policy",
+        );
+        ledger
+            .custom(move |c| {
+                c.prepare_cached(
+                    "UPDATE idem SET state = 'done', status = 200, body = ?1 WHERE state = 'inflight'",
+                )?
+                .execute(params![interrupted])
+            })
+            .await?;
         Ok(ledger)
     }
 
@@ -1014,7 +1136,7 @@ impl SqliteLedger {
         self.fail.check()?;
         let points = storable(points)?;
         // A chain settled long ago is no longer in memory; its id is still taken.
-        if !self.chains.contains_key(id) {
+        if !self.chains.contains_key(id) && self.maybe_on_disk(id) {
             let idc = id.clone();
             if let Some((k, p, rem)) = self
                 .readers
@@ -1087,6 +1209,7 @@ impl SqliteLedger {
                         id: id.clone(),
                         key: key.clone(),
                         reserved: points,
+                        remaining,
                         owner: Arc::clone(&self.owner),
                         created_ms: now,
                     }),
@@ -1105,6 +1228,14 @@ impl SqliteLedger {
         Ok(reserved)
     }
 
+    /// Whether `id` may be a chain in the file that is not in memory.
+    fn maybe_on_disk(&self, id: &TransferId) -> bool {
+        self.on_disk
+            .read()
+            .map(|f| f.may_contain(id.as_str()))
+            .unwrap_or(true)
+    }
+
     /// Brings a chain that was evicted from memory back, for a refund.
     fn load_chain(&self, id: &TransferId) -> Result<bool, LedgerError> {
         let _guard = self
@@ -1118,10 +1249,8 @@ impl SqliteLedger {
         let Some(sc) = self.readers.read(move |c| stored_chain(c, idc.as_str()))? else {
             return Ok(false);
         };
-        let settled = sc
-            .settled(id, SettleKind::Commit)
-            .or_else(|| sc.settled(id, SettleKind::Void));
-        let refund = sc.settled(id, SettleKind::Refund);
+        let settled = sc.result(id, false);
+        let refund = sc.result(id, true);
         self.chains.insert(
             id.clone(),
             Chain {
@@ -1259,11 +1388,20 @@ impl SqliteLedger {
                     note: note.to_string(),
                     at_ms: now,
                 },
-                chain: Some(ChainWrite::Transition {
-                    id: id.clone(),
-                    state,
-                    settled: settled_points,
-                    at_ms: now,
+                chain: Some(match how {
+                    Settle::Refund => ChainWrite::Refund {
+                        id: id.clone(),
+                        remaining: next.remaining(),
+                        at_ms: now,
+                    },
+                    _ => ChainWrite::Settle {
+                        id: id.clone(),
+                        state,
+                        settled: settled_points,
+                        overage,
+                        remaining: next.remaining(),
+                        at_ms: now,
+                    },
                 }),
                 account: (key, next),
                 durable: Some((id.clone(), version)),
@@ -1319,9 +1457,28 @@ impl SqliteLedger {
                 .lock()
                 .map_err(|_| LedgerError::Storage("ledger load lock poisoned".into()))?;
             let old = now.saturating_sub(CHAIN_RETENTION_MS);
-            self.chains.retain(|_, c| {
-                c.state == ChainState::Pending || c.durable < c.version || c.settled_ms >= old
+            let filter = self
+                .on_disk
+                .read()
+                .map_err(|_| LedgerError::Storage("ledger id filter poisoned".into()))?;
+            // Into the filter first, then out of memory: a concurrent reserve
+            // always finds the id in one of the two.
+            self.chains.retain(|id, c| {
+                let keep =
+                    c.state == ChainState::Pending || c.durable < c.version || c.settled_ms >= old;
+                if !keep {
+                    filter.insert(id.as_str());
+                }
+                keep
             });
+            let crowded = filter.is_crowded();
+            drop(filter);
+            if crowded {
+                let bigger = self.readers.read(load_id_filter)?;
+                if let Ok(mut f) = self.on_disk.write() {
+                    *f = bigger;
+                }
+            }
         }
         let idem_cutoff = now.saturating_sub(IDEM_RETENTION_MS);
         self.custom(move |c| {
@@ -1345,29 +1502,9 @@ impl SqliteLedger {
         // with the latest records.
         self.close().await?;
         let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || {
-            readers.read(|c| {
-                // One read transaction: the three tables from one snapshot.
-                c.execute_batch("BEGIN")?;
-                #[allow(clippy::type_complexity)]
-                let res: rusqlite::Result<(
-                    Vec<TransferRow>,
-                    Vec<AccountRow>,
-                    Vec<ChainRow>,
-                )> = (|| {
-                    let t = load_transfers(c)?;
-                    let a = load_accounts(c)?;
-                    let ch: Vec<ChainRow> =
-                        load_chains(c, false)?.into_iter().map(|x| x.0).collect();
-                    Ok((t, a, ch))
-                })();
-                let _ = c.execute_batch("COMMIT");
-                let (t, a, ch) = res?;
-                Ok(replay_verify(&t, &a, &ch))
-            })
-        })
-        .await
-        .map_err(storage)?
+        tokio::task::spawn_blocking(move || readers.read(verify_conn))
+            .await
+            .map_err(storage)?
     }
 
     pub(super) async fn ping(&self) -> Result<(), LedgerError> {
@@ -1514,6 +1651,82 @@ impl SqliteLedger {
         })?;
         all.iter().map(|j| parse_key(j)).collect()
     }
+}
+
+/// Replays the file's transfers and compares them with its accounts and chains,
+/// from one read snapshot.
+fn verify_conn(c: &Connection) -> rusqlite::Result<VerifyReport> {
+    c.execute_batch("BEGIN")?;
+    #[allow(clippy::type_complexity)]
+    let res: rusqlite::Result<(
+        Vec<TransferRow>,
+        Vec<AccountRow>,
+        Vec<ChainRow>,
+        Vec<String>,
+    )> = (|| {
+        let t = load_transfers(c)?;
+        let a = load_accounts(c)?;
+        let ch = load_chains(c)?;
+        let p = pending_mismatches(c)?;
+        Ok((t, a, ch, p))
+    })();
+    let _ = c.execute_batch("COMMIT");
+    let (t, a, ch, p) = res?;
+    let mut report = replay_verify(&t, &a, &ch);
+    report.mismatches.extend(p);
+    Ok(report)
+}
+
+/// Verifies a ledger file without opening the ledger: read-only, no recovery,
+/// safe while another process serves from the file.
+pub(super) async fn verify_file(path: std::path::PathBuf) -> Result<VerifyReport, LedgerError> {
+    tokio::task::spawn_blocking(move || {
+        if !path.exists() {
+            return Err(LedgerError::Storage(format!(
+                "no ledger file at {}",
+                path.display()
+            )));
+        }
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(storage)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(storage)?;
+        verify_conn(&conn).map_err(storage)
+    })
+    .await
+    .map_err(storage)?
+}
+
+/// Takes the single-writer lock of a ledger file: an SQLite file beside it
+/// (`<ledger>-lock`) held in exclusive locking mode for as long as the returned
+/// connection lives. The OS drops the lock when the process dies, even by
+/// SIGKILL, so a restart is never locked out. A second writer (another process,
+/// or a second open in this one) gets a clear error instead of silently
+/// splitting the admission state.
+fn take_writer_lock(path: &std::path::Path) -> Result<Connection, LedgerError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push("-lock");
+    let conn = Connection::open(std::path::PathBuf::from(lock_path)).map_err(storage)?;
+    conn.busy_timeout(std::time::Duration::from_millis(0))
+        .map_err(storage)?;
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+        .map_err(storage)?;
+    conn.execute_batch(
+        "BEGIN EXCLUSIVE; CREATE TABLE IF NOT EXISTS holder (pid INTEGER); \
+         DELETE FROM holder; COMMIT;",
+    )
+    .map_err(|e| {
+        LedgerError::Storage(format!(
+            "the ledger file {} is in use by another process (or already open): {e}",
+            path.display()
+        ))
+    })?;
+    conn.execute("INSERT INTO holder (pid) VALUES (?1)", [std::process::id()])
+        .map_err(storage)?;
+    Ok(conn)
 }
 
 pub(super) fn parse_key(json: &str) -> Result<KeyRecord, LedgerError> {

@@ -1,0 +1,227 @@
+//! Several gate replicas sharing one PostgreSQL ledger: keys made on one work on
+//! the other, budgets are never overspent across replicas, and a failed task is
+//! refunded once however many replicas see it end.
+//!
+//! Needs `GATE_TEST_POSTGRES_URL`; when it is set the server must be reachable
+//! (an unreachable server fails the test). When unset, the test says loudly that
+//! the fleet half was not run.
+
+mod common;
+
+use chuzhan_gate::ledger::BackendKind;
+use chuzhan_gate::server::{self, Running};
+use chuzhan_gate::upstream::sim::SimConfig;
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Fleet {
+    sim: chuzhan_gate::upstream::sim::SimHandle,
+    a: Running,
+    b: Running,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    http: reqwest::Client,
+}
+
+async fn fleet(sim_cfg: SimConfig) -> Option<Fleet> {
+    let Ok(url) = std::env::var("GATE_TEST_POSTGRES_URL") else {
+        eprintln!(
+            "GATE_TEST_POSTGRES_URL is not set: the fleet (PostgreSQL) gate tests were NOT run"
+        );
+        return None;
+    };
+    let schema = format!("fleet_{}_{:08x}", std::process::id(), rand::random::<u32>());
+    let sim = start_sim(sim_cfg).await;
+    let start = |dir: &std::path::Path, instance: &str| {
+        let mut cfg = gate_config(dir, &sim.url(), "sim-token");
+        cfg.ledger.backend = BackendKind::Postgres;
+        cfg.ledger.url = Some(url.clone());
+        cfg.ledger.schema = Some(schema.clone());
+        cfg.ledger.instance = Some(instance.to_owned());
+        server::start(cfg)
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), "replica-a")
+        .await
+        .expect("gate A must open the PostgreSQL ledger at GATE_TEST_POSTGRES_URL");
+    let b = start(db.path(), "replica-b").await.expect("gate B");
+    Some(Fleet {
+        sim,
+        a,
+        b,
+        _dirs: (da, db),
+        http: reqwest::Client::new(),
+    })
+}
+
+impl Fleet {
+    async fn create_key(&self, body: Value) -> (String, String) {
+        let v: Value = self
+            .http
+            .post(format!("http://{}/admin/keys", self.a.admin_addr))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    async fn post(&self, gate: &Running, path: &str, secret: &str, body: &str) -> Value {
+        self.http
+            .post(format!("http://{}{}", gate.addr, path))
+            .header("Auth-Token", secret)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Wait until replica B knows the key (it reloads keys every second).
+    async fn until_b_knows(&self, secret: &str) {
+        for _ in 0..50 {
+            let v = self
+                .http
+                .get(format!("http://{}/aiapi/v1/client/detail", self.b.addr))
+                .header("Auth-Token", secret)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap();
+            if v["code"] == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("replica B never learned the key");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_keys_and_never_overspend_a_shared_budget() {
+    let Some(f) = fleet(SimConfig::default()).await else {
+        return;
+    };
+    // 10 draws of 12 fit in 125.
+    let (id, secret) = f.create_key(json!({"name": "shared", "budget": 125})).await;
+    f.until_b_knows(&secret).await;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let http = f.http.clone();
+        let addr = if i % 2 == 0 { f.a.addr } else { f.b.addr };
+        let secret = secret.clone();
+        set.spawn(async move {
+            let v: Value = http
+                .post(format!("http://{addr}/aiapi/v1/draw"))
+                .header("Auth-Token", secret)
+                .body(draw_body(&format!("boy {i}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["code"].as_i64().unwrap()
+        });
+    }
+    let mut codes = Vec::new();
+    while let Some(r) = set.join_next().await {
+        codes.push(r.unwrap());
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 0).count(), 10, "{codes:?}");
+    assert_eq!(
+        codes.iter().filter(|c| **c == 1002).count(),
+        20,
+        "{codes:?}"
+    );
+    let acc =
+        f.a.gate
+            .ledger
+            .account(&chuzhan_gate::points::KeyId(id))
+            .await
+            .unwrap();
+    assert_eq!(acc.spent.get(), 120);
+    assert_eq!(acc.reserved.get(), 0);
+    assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 10);
+    assert!(f
+        .b
+        .gate
+        .ledger
+        .verify()
+        .await
+        .unwrap()
+        .mismatches
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_task_seen_by_both_replicas_is_refunded_once() {
+    let Some(f) = fleet(SimConfig {
+        task_ms: 300,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (id, secret) = f.create_key(json!({"name": "r", "budget": 100})).await;
+    f.until_b_knows(&secret).await;
+    let v = f
+        .post(
+            &f.a,
+            "/aiapi/v1/draw",
+            &secret,
+            r#"{"prompt":"x [[sim:fail]]","modelStyleId":1,"width":768,"height":1024}"#,
+        )
+        .await;
+    assert_eq!(v["code"], 0, "{v}");
+    let task = v["data"]["paintingSign"].as_str().unwrap().to_owned();
+    let poll = json!({"taskId": task, "waitUtilEnd": true}).to_string();
+    let polls = (0..6).map(|i| {
+        let gate = if i % 2 == 0 { &f.a } else { &f.b };
+        f.post(gate, "/aiapi/v1/task/detail", &secret, &poll)
+    });
+    for v in futures_util::future::join_all(polls).await {
+        assert_eq!(v["data"]["state"], "fail", "{v}");
+    }
+    let acc =
+        f.b.gate
+            .ledger
+            .account(&chuzhan_gate::points::KeyId(id))
+            .await
+            .unwrap();
+    assert_eq!(acc.spent.get(), 0);
+    // Exactly one replica wrote the refund record.
+    let mut refunds = 0;
+    for g in [&f.a, &f.b] {
+        g.gate.audit.flush().await.unwrap();
+        let filter = chuzhan_gate::audit::Filter {
+            decision: Some("refund".into()),
+            ..Default::default()
+        };
+        refunds += chuzhan_gate::audit::query(&g.gate.cfg.audit_dir(), &filter)
+            .unwrap()
+            .len();
+    }
+    assert_eq!(refunds, 1);
+    assert!(f
+        .a
+        .gate
+        .ledger
+        .verify()
+        .await
+        .unwrap()
+        .mismatches
+        .is_empty());
+}
