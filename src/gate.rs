@@ -262,13 +262,10 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
                 let sent_at = Instant::now();
                 let fwd = forward(&g, &pq, &headers, body).await;
                 let latency = sent_at.elapsed();
-                let transfer = reservation.id.clone();
-                let settled = settle(&g, &k, reservation, &quote, &fwd).await;
+                let settled = settle(&g, &k, ep, reservation, &quote, &fwd, plan).await;
                 let registered = match &settled {
-                    Ok(s) if s.charged.get() > 0 && s.task_id.is_some() => {
-                        register_task(&g, &k, ep, transfer, s, plan).await
-                    }
-                    _ => Ok(false),
+                    Ok(s) => s.registered,
+                    Err(_) => Ok(false),
                 };
                 if matches!(registered, Ok(true)) {
                     g.limits.keep(slot);
@@ -276,7 +273,7 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
                     g.limits.cancel(slot);
                 }
                 let out = match registered {
-                    Err(rej) => Err(rej),
+                    Err(msg) => Err(Reject::new(Code::Internal, "ledger", msg)),
                     Ok(_) => finish_billable(&g, fwd, &settled),
                 };
                 if let (Some(ik), Ok(Outcome::Upstream(a))) = (&idem_key, &out) {
@@ -560,47 +557,34 @@ fn limit(gate: &Gate, key: &KeyRecord) -> Result<crate::limits::Slot, Reject> {
         .map_err(|e| Reject::new(Code::Limit, "limit", e.to_string()))
 }
 
-/// Record a charged task so the gate can follow it to its end (refund on fail,
-/// callbacks, ownership). Durable before the client's answer; if it cannot be
-/// recorded the client is told so (the charge stands, the task runs).
-async fn register_task(
+/// The registry record of a task the upstream accepted.
+#[allow(clippy::too_many_arguments)]
+fn task_record(
     gate: &Gate,
     key: &KeyRecord,
     ep: Endpoint,
-    transfer: TransferId,
+    transfer: &TransferId,
+    task_id: &str,
     s: &Settlement,
+    charged: Points,
     plan: Option<tasks::CallbackPlan>,
-) -> Result<bool, Reject> {
-    let Some(task_id) = s.task_id.clone() else {
-        return Ok(false);
-    };
+) -> TaskRecord {
     let (client_callback, client_nonce, gate_nonce) = match plan {
         Some(p) => (Some(p.client_callback), p.client_nonce, Some(p.gate_nonce)),
         None => (None, None, None),
     };
-    let rec = TaskRecord {
-        task_id,
+    TaskRecord {
+        task_id: task_id.to_owned(),
         key: key.id.clone(),
         endpoint: ep.path().to_owned(),
-        transfer,
+        transfer: transfer.clone(),
         upstream_points: s.upstream_points,
-        charged: s.charged,
+        charged,
         state: TaskState::Open,
         client_callback,
         client_nonce,
         gate_nonce,
         created_at: gate.clock.now(),
-    };
-    match tasks::register(gate, rec).await {
-        Ok(()) => Ok(true),
-        Err(e) => {
-            tracing::error!(error = %e, "task registry write failed");
-            Err(Reject::new(
-                Code::Internal,
-                "ledger",
-                "the task was accepted and charged but could not be registered; contact the operator",
-            ))
-        }
     }
 }
 
@@ -735,6 +719,8 @@ fn upstream_reject(e: &ForwardError) -> Reject {
 struct Settlement {
     charged: Points,
     upstream_points: Points,
+    /// Whether an accepted task was registered (`Err`: the client's message).
+    registered: Result<bool, &'static str>,
     remaining: Points,
     settled: Option<Settled>,
     task_id: Option<String>,
@@ -790,13 +776,16 @@ fn read_verdict(body: &[u8]) -> Option<Verdict> {
 async fn settle(
     gate: &Gate,
     key: &KeyRecord,
+    ep: Endpoint,
     r: Reservation,
     quote: &Quote,
     fwd: &Result<Answer, ForwardError>,
+    plan: Option<tasks::CallbackPlan>,
 ) -> Result<Settlement, LedgerError> {
     let mut s = Settlement {
         charged: Points::ZERO,
         upstream_points: quote.points,
+        registered: Ok(false),
         remaining: Points::ZERO,
         settled: None,
         task_id: None,
@@ -849,9 +838,22 @@ async fn settle(
         }
     };
     let started = Instant::now();
-    let settled = match charge {
-        Some(p) => gate.ledger.commit(&r.id, p).await?,
-        None => gate.ledger.void(&r.id).await?,
+    let settled = match (charge, &s.task_id) {
+        // An accepted task: its commit and its registration are written together
+        // (they join the same group commit), so the client waits for one durable
+        // write, not two.
+        (Some(p), Some(task_id)) if p.get() > 0 => {
+            let rec = task_record(gate, key, ep, &r.id, task_id, &s, p, plan);
+            let (settled, reg) =
+                tokio::join!(gate.ledger.commit(&r.id, p), tasks::register(gate, rec));
+            s.registered = reg.map(|()| true).map_err(|e| {
+                tracing::error!(error = %e, "task registry write failed");
+                "the task was accepted and charged but could not be registered; contact the operator"
+            });
+            settled?
+        }
+        (Some(p), _) => gate.ledger.commit(&r.id, p).await?,
+        (None, _) => gate.ledger.void(&r.id).await?,
     };
     gate.metrics.ledger_commit.observe(started.elapsed());
     match charge {

@@ -179,6 +179,7 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
 async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, shared_store: bool) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n: u64 = 0;
+    let mut key_cursor: i64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -186,8 +187,15 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, shared_store:
         }
         n += 1;
         if shared_store {
-            if let Ok(keys) = gate.ledger.keys().await {
-                gate.keys.replace_all(keys);
+            // Changed keys every second; everything once a minute, which also
+            // catches a change committed out of sequence order.
+            if n % 60 == 0 {
+                if let Ok(keys) = gate.ledger.keys().await {
+                    gate.keys.replace_all(keys);
+                }
+            } else if let Ok((keys, next)) = gate.ledger.keys_since(key_cursor).await {
+                key_cursor = next;
+                gate.keys.put_all(keys);
             }
         }
         if n % gate.cfg.tasks.check_interval_secs.max(1) == 0 {

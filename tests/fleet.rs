@@ -115,6 +115,7 @@ async fn replicas_share_keys_and_never_overspend_a_shared_budget() {
     };
     // 10 draws of 12 fit in 125.
     let (id, secret) = f.create_key(json!({"name": "shared", "budget": 125})).await;
+    let key_id = id.clone();
     f.until_b_knows(&secret).await;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..30 {
@@ -163,6 +164,31 @@ async fn replicas_share_keys_and_never_overspend_a_shared_budget() {
         .unwrap()
         .mismatches
         .is_empty());
+    // A rotation on A reaches B: the old secret stops working there too.
+    let r: Value = f
+        .http
+        .post(format!(
+            "http://{}/admin/keys/{key_id}/rotate",
+            f.a.admin_addr
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let new_secret = r["key"].as_str().unwrap().to_owned();
+    f.until_b_knows(&new_secret).await;
+    let v = f
+        .post(
+            &f.b,
+            "/aiapi/v1/draw",
+            &secret,
+            &draw_body("after rotation"),
+        )
+        .await;
+    assert_eq!(v["code"], 1001, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

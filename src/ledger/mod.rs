@@ -565,6 +565,14 @@ impl Ledger {
         dispatch!(self, b => b.keys().await)
     }
 
+    /// Keys changed since `cursor` (0 at first) and the cursor to pass next time:
+    /// replicas poll this to pick up changes made on others without reloading
+    /// every key. A change committed out of sequence order can be missed by one
+    /// poll, so callers also reload everything now and then.
+    pub async fn keys_since(&self, cursor: i64) -> Result<(Vec<KeyRecord>, i64), LedgerError> {
+        dispatch!(self, b => b.keys_since(cursor).await)
+    }
+
     /// Registers a task the gate charged (first write wins; a replay is a no-op).
     pub async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
         dispatch!(self, b => b.put_task(rec).await)

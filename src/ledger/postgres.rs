@@ -95,6 +95,12 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_open ON tasks (checked_ms) WHERE state = 'open';
 "#,
+    // v3: a change sequence on keys, so replicas reload only what changed.
+    r#"
+CREATE SEQUENCE keys_change_seq;
+ALTER TABLE keys ADD COLUMN change_seq BIGINT NOT NULL DEFAULT nextval('keys_change_seq');
+CREATE INDEX keys_change ON keys (change_seq);
+"#,
 ];
 
 /// The current window start for each period kind, passed to the statements
@@ -947,7 +953,8 @@ impl PgLedger {
         let res = client
             .execute(
                 "INSERT INTO keys (id, secret_hash, record) VALUES ($1, $2, $3) \
-                 ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash, record = excluded.record",
+                 ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash, record = excluded.record, \
+                 change_seq = nextval('keys_change_seq')",
                 &[&rec.id.as_str(), &rec.secret_hash, &json],
             )
             .await;
@@ -987,6 +994,30 @@ impl PgLedger {
             secret_hash,
         )
         .await
+    }
+
+    /// Keys changed after `cursor` (a value of the change sequence), and the new
+    /// cursor.
+    pub(super) async fn keys_since(
+        &self,
+        cursor: i64,
+    ) -> Result<(Vec<KeyRecord>, i64), LedgerError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT record, change_seq FROM keys WHERE change_seq > $1 ORDER BY change_seq",
+                &[&cursor],
+            )
+            .await
+            .map_err(pg)?;
+        let mut next = cursor;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let json: String = r.try_get(0).map_err(pg)?;
+            next = next.max(r.try_get::<_, i64>(1).map_err(pg)?);
+            out.push(super::sqlite::parse_key(&json)?);
+        }
+        Ok((out, next))
     }
 
     pub(super) async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {

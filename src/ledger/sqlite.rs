@@ -1775,6 +1775,15 @@ pub(super) fn idem_outcome(
 
 /// The task registry, stored beside the ledger so it is as durable as the charges.
 impl SqliteLedger {
+    /// One process owns the file, so nothing changes behind its back: every call
+    /// returns all keys (the gate does not poll an embedded ledger).
+    pub(super) async fn keys_since(
+        &self,
+        cursor: i64,
+    ) -> Result<(Vec<KeyRecord>, i64), LedgerError> {
+        Ok((self.keys().await?, cursor))
+    }
+
     pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
         let json = serde_json::to_string(rec).map_err(storage)?;
         let (id, key) = (rec.task_id.clone(), rec.key.0.clone());
