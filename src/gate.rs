@@ -275,41 +275,39 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
             let body = plan.as_ref().map(|p| p.body.clone()).unwrap_or(body);
             // From here the request is paid for: forward and settle must both run even
             // if the client goes away, so they run in their own task.
-            let g = gate.clone();
-            let headers = parts.headers.clone();
-            let k = key.clone();
-            let job = tokio::spawn(async move {
-                let sent_at = Instant::now();
-                let fwd = forward(&g, &pq, &headers, body).await;
-                let latency = sent_at.elapsed();
-                let settled = settle(&g, &k, ep, reservation, &quote, &fwd, plan).await;
-                let registered = match &settled {
-                    Ok(s) => s.registered,
-                    Err(_) => Ok(false),
-                };
-                if matches!(registered, Ok(true)) {
-                    g.limits.keep(slot);
-                } else {
-                    g.limits.cancel(slot);
+            // From here the request is paid for. It runs in its own task (see
+            // `handle`), so forward and settle complete even if the client goes away.
+            let sent_at = Instant::now();
+            let fwd = forward(gate, &pq, &parts.headers, body).await;
+            let latency = sent_at.elapsed();
+            let settled = settle(gate, &key, ep, reservation, &quote, &fwd, plan).await;
+            let registered = match &settled {
+                Ok(s) => s.registered,
+                Err(_) => Ok(false),
+            };
+            if matches!(registered, Ok(true)) {
+                gate.limits.keep(slot);
+            } else {
+                gate.limits.cancel(slot);
+            }
+            let out = match registered {
+                Err(msg) => Err(Reject::new(Code::Internal, "ledger", msg)),
+                Ok(_) => finish_billable(fwd, &settled),
+            };
+            if let Some(ik) = &idem_key {
+                match &out {
+                    Ok(Outcome::Upstream(a)) => {
+                        let stored = StoredAnswer {
+                            status: a.status,
+                            body: a.body.to_vec(),
+                        };
+                        let _ = gate.ledger.idem_finish(&key.id, ik, &stored).await;
+                    }
+                    _ => {
+                        let _ = gate.ledger.idem_abandon(&key.id, ik).await;
+                    }
                 }
-                let out = match registered {
-                    Err(msg) => Err(Reject::new(Code::Internal, "ledger", msg)),
-                    Ok(_) => finish_billable(&g, fwd, &settled),
-                };
-                if let (Some(ik), Ok(Outcome::Upstream(a))) = (&idem_key, &out) {
-                    let stored = StoredAnswer {
-                        status: a.status,
-                        body: a.body.to_vec(),
-                    };
-                    let _ = g.ledger.idem_finish(&k.id, ik, &stored).await;
-                } else if let Some(ik) = &idem_key {
-                    let _ = g.ledger.idem_abandon(&k.id, ik).await;
-                }
-                (settled, out, latency)
-            });
-            let (settled, out, latency) = job.await.map_err(|_| {
-                Reject::new(Code::Internal, "internal", "internal error while settling")
-            })?;
+            }
             t.upstream_latency = Some(latency);
             match &settled {
                 Ok(s) => {
@@ -813,14 +811,16 @@ async fn settle(
         upstream_code: None,
         note: None,
     };
+    // What an unknown outcome costs: the reservation, or nothing, by policy.
+    let if_unknown = match gate.cfg.upstream.unknown_outcome {
+        UnknownOutcome::Charge => Some(r.points),
+        UnknownOutcome::Void => None,
+    };
     let charge: Option<Points> = match fwd {
         Err(ForwardError::NotSent(_)) => None,
         Err(e @ ForwardError::Unknown(_)) => {
             s.note = Some(format!("outcome unknown: {e}"));
-            match gate.cfg.upstream.unknown_outcome {
-                UnknownOutcome::Charge => Some(r.points),
-                UnknownOutcome::Void => None,
-            }
+            if_unknown
         }
         Ok(a) => {
             s.upstream_status = Some(a.status);
@@ -839,20 +839,14 @@ async fn settle(
                         }),
                         (Some(0), None) => {
                             s.note = Some("upstream accepted without a task id".into());
-                            match gate.cfg.upstream.unknown_outcome {
-                                UnknownOutcome::Charge => Some(r.points),
-                                UnknownOutcome::Void => None,
-                            }
+                            if_unknown
                         }
                         _ => None,
                     }
                 }
                 None => {
                     s.note = Some("upstream answer is not JSON: outcome unknown".into());
-                    match gate.cfg.upstream.unknown_outcome {
-                        UnknownOutcome::Charge => Some(r.points),
-                        UnknownOutcome::Void => None,
-                    }
+                    if_unknown
                 }
             }
         }
@@ -904,7 +898,6 @@ async fn settle(
 /// Turn a settled forward into the answer for the client: rewrite `data.balance`
 /// and `data.used` of an accepted submit, pass everything else through.
 fn finish_billable(
-    gate: &Gate,
     fwd: Result<Answer, ForwardError>,
     settled: &Result<Settlement, LedgerError>,
 ) -> Result<Outcome, Reject> {
@@ -919,7 +912,6 @@ fn finish_billable(
             ));
         }
     };
-    let _ = gate;
     match fwd {
         Err(e) => Err(upstream_reject(&e)),
         Ok(mut a) => {

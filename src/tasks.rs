@@ -468,11 +468,7 @@ async fn check_one(gate: &Gate, rec: &TaskRecord) {
     let _ = gate.ledger.touch_task(&rec.task_id).await;
     let body = serde_json::to_vec(&serde_json::json!({"taskId": rec.task_id, "preview": false}))
         .unwrap_or_default();
-    let mut headers = hyper::HeaderMap::new();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    let headers = json_headers();
     match gate
         .upstream
         .send(
@@ -492,6 +488,16 @@ async fn check_one(gate: &Gate, rec: &TaskRecord) {
     }
 }
 
+/// Headers of a request the gate itself sends upstream.
+fn json_headers() -> hyper::HeaderMap {
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    headers
+}
+
 /// The workflow's `consume` (points per run) from `/aiapi/workflow/detail`,
 /// fetched once per workflow and cached.
 pub async fn workflow_consume(gate: &Gate, workflow_id: &str) -> Option<Points> {
@@ -499,11 +505,7 @@ pub async fn workflow_consume(gate: &Gate, workflow_id: &str) -> Option<Points> 
         return Some(*p);
     }
     let body = serde_json::to_vec(&serde_json::json!({"workflowId": workflow_id})).ok()?;
-    let mut headers = hyper::HeaderMap::new();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
+    let headers = json_headers();
     let a = gate
         .upstream
         .send(
