@@ -6,19 +6,19 @@
 //! the store committed). The PostgreSQL half runs when `GATE_TEST_POSTGRES_URL`
 //! is set. `LEDGER_BENCH_PAIRS` / `LEDGER_BENCH_PG_PAIRS` change the sizes,
 //! `LEDGER_BENCH_PG_POOL` the PostgreSQL pool (default 32).
+//!
+//! Transfer ids are made as the gate makes them (`TransferId::fresh`:
+//! time-ordered). `LEDGER_BENCH_IDS=random` uses ids that land anywhere in the
+//! id-keyed B-trees instead, to show what that costs.
 
 use chuzhan_gate::clock::{SharedClock, SystemClock};
 use chuzhan_gate::ledger::{BackendKind, Ledger, LedgerConfig, Period};
 use chuzhan_gate::points::{KeyId, Points, TransferId};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Accounts used when the tasks do not share one.
 const ACCOUNTS: usize = 64;
-
-/// Source of time-ordered ids (like a request id that starts with the time).
-static SEQ: AtomicU64 = AtomicU64::new(0);
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -50,17 +50,13 @@ async fn run(
     for t in 0..tasks {
         let ledger = ledger.clone();
         let key = KeyId(format!("bench_{run_id}_{}", t % accounts));
-        let run_id = run_id.clone();
-        let ordered = std::env::var("LEDGER_BENCH_IDS").is_ok_and(|v| v == "ordered");
+        let random = std::env::var("LEDGER_BENCH_IDS").is_ok_and(|v| v == "random");
         handles.push(tokio::spawn(async move {
-            for i in 0..per_task {
-                let id = if ordered {
-                    TransferId(format!(
-                        "{:016x}-{run_id}",
-                        SEQ.fetch_add(1, Ordering::Relaxed)
-                    ))
+            for _ in 0..per_task {
+                let id = if random {
+                    TransferId(format!("{:032x}", rand::random::<u128>()))
                 } else {
-                    TransferId(format!("{run_id}-{t}-{i}"))
+                    TransferId::fresh()
                 };
                 ledger.reserve(&key, Points(5), &id).await.expect("reserve");
                 ledger.commit(&id, Points(4)).await.expect("commit");

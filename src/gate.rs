@@ -1100,10 +1100,8 @@ async fn audit_transition(
     }
 }
 
-/// A request id: 16 random hex digits, unique enough to name a ledger transfer.
+/// A request id, which also names the request's ledger transfer: time-ordered
+/// (see `TransferId::fresh`).
 fn new_request_id() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 12];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
+    TransferId::fresh().0
 }
