@@ -638,6 +638,40 @@ async fn flush_makes_records_visible_to_a_reader() {
     writer.shutdown().await;
 }
 
+/// `head.json` is rewritten at most every 100 ms under load, but a writer that
+/// goes idle brings it up to the last record without being asked.
+#[tokio::test]
+async fn an_idle_writer_brings_the_head_up_to_date() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(start());
+    let (audit, writer) = open(&cfg(tmp.path()), &clock).await;
+    let head_seq = || -> Option<u64> {
+        let bytes = std::fs::read(tmp.path().join("head.json")).ok()?;
+        serde_json::from_slice::<Value>(&bytes).ok()?["seq"].as_u64()
+    };
+    for round in 1..=3u64 {
+        // Records written back to back, with no flush: the head may lag.
+        write_n(&audit, 0, 50).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let all: Vec<String> = files(tmp.path()).iter().flat_map(|f| lines(f)).collect();
+            let last = all.last().and_then(|l| field(l, "seq").as_u64());
+            if all.len() as u64 >= round * 50 && head_seq() == last {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "5 s after the last record, head.json names seq {:?}, the log ends at {last:?}",
+                head_seq()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let report = verify(tmp.path()).unwrap();
+    assert_eq!(report.first_break, None, "{report}");
+    writer.shutdown().await;
+}
+
 #[tokio::test]
 async fn records_are_single_complete_compact_lines() {
     let tmp = tempfile::tempdir().expect("tempdir");

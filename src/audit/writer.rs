@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// Messages taken from the queue per batch, at most; bounds flush latency.
@@ -20,6 +20,11 @@ const MAX_BATCH: usize = 4096;
 const MAX_PENDING: usize = 1024 * 1024;
 /// Attempts at a failing write once a shutdown has been asked for.
 const RETRIES_WHEN_STOPPING: u32 = 3;
+/// How far `head.json` may lag the synced log. Rewriting it (a new file and a
+/// rename) after every batch cost more than the batch itself under load; it
+/// is rewritten at most this often, on every flush, at shutdown, and once the
+/// writer has been idle this long.
+const HEAD_EVERY: Duration = Duration::from_millis(100);
 
 /// What the writer needs from the config.
 pub(super) struct Settings {
@@ -58,6 +63,8 @@ pub(super) struct Writer {
     /// Last record in `pending` or the file, for the head file.
     last: Option<(u64, String)>,
     head_written: Option<u64>,
+    /// When `head.json` was last rewritten.
+    head_at: Option<Instant>,
     /// Whether the I/O path gave up (only after a stop was asked).
     gave_up: bool,
 }
@@ -86,6 +93,7 @@ impl Writer {
             unsynced: false,
             last: None,
             head_written: None,
+            head_at: None,
             gave_up: false,
             s,
         };
@@ -159,7 +167,7 @@ impl Writer {
             for mut ev in events {
                 w.encode(&mut ev).map_err(|e| AuditError::io(&w.s.dir, e))?;
             }
-            w.commit().map_err(|e| AuditError::io(&w.s.dir, e))?;
+            w.commit(true).map_err(|e| AuditError::io(&w.s.dir, e))?;
         }
         Ok(w)
     }
@@ -167,8 +175,24 @@ impl Writer {
     /// The thread body: take batches from the queue until stopped.
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Msg>, stop: &AtomicBool) {
         let mut flushers: Vec<oneshot::Sender<Result<(), AuditError>>> = Vec::new();
+        // Only for the idle timeout that brings a lagging head up to date.
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build();
         loop {
-            let Some(first) = rx.blocking_recv() else {
+            let first = match (&timer, self.head_lag()) {
+                (Ok(rt), Some(wait)) => {
+                    match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                        Ok(msg) => msg,
+                        Err(_idle) => {
+                            self.retry(&mut flushers, stop, Writer::write_head);
+                            continue;
+                        }
+                    }
+                }
+                _ => rx.blocking_recv(),
+            };
+            let Some(first) = first else {
                 break;
             };
             self.take(first, &mut flushers, stop);
@@ -178,7 +202,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.retry(&mut flushers, stop, Writer::commit);
+            // A flush asks for everything on disk, the head included.
+            let force_head = !flushers.is_empty();
+            self.retry(&mut flushers, stop, |w| w.commit(force_head));
             if self.gave_up {
                 break;
             }
@@ -192,7 +218,7 @@ impl Writer {
                         break;
                     }
                 }
-                self.retry(&mut flushers, stop, Writer::commit);
+                self.retry(&mut flushers, stop, |w| w.commit(true));
                 if !self.gave_up {
                     answer(&mut flushers, Ok(()));
                 }
@@ -392,11 +418,26 @@ impl Writer {
         Ok(())
     }
 
-    /// End of a batch: everything encoded is written, synced, and the head moves.
-    fn commit(&mut self) -> std::io::Result<()> {
+    /// End of a batch: everything encoded is written and synced; the head moves
+    /// when `force` or when it was last moved `HEAD_EVERY` ago.
+    fn commit(&mut self, force: bool) -> std::io::Result<()> {
         self.write_pending()?;
         self.sync()?;
-        self.write_head()
+        if force || self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY) {
+            self.write_head()?;
+        }
+        Ok(())
+    }
+
+    /// How long to wait for more records before bringing a lagging head up to
+    /// date; `None` when the head names the last synced record.
+    fn head_lag(&self) -> Option<Duration> {
+        let (seq, _) = self.last.as_ref()?;
+        if self.head_written == Some(*seq) || self.unsynced || self.pending_written > 0 {
+            return None;
+        }
+        let since = self.head_at.map_or(HEAD_EVERY, |at| at.elapsed());
+        Some(HEAD_EVERY.saturating_sub(since))
     }
 
     fn write_head(&mut self) -> std::io::Result<()> {
@@ -418,6 +459,7 @@ impl Writer {
         // reported by verify as unreadable, never as a break.
         std::fs::rename(&tmp, self.s.dir.join(HEAD_FILE))?;
         self.head_written = Some(*seq);
+        self.head_at = Some(Instant::now());
         Ok(())
     }
 }
