@@ -180,6 +180,7 @@ conformance!(
     expires_pending_reservations_by_the_charge_policy,
     expires_pending_reservations_by_the_void_policy,
     keeps_idempotency_records_scoped_to_the_key,
+    answers_an_idempotency_key_left_in_flight_past_the_pending_ttl,
     stores_and_finds_key_records,
     verify_detects_a_tampered_account,
     budget_changes_are_recorded_transfers,
@@ -638,6 +639,45 @@ async fn keeps_idempotency_records_scoped_to_the_key(fx: &Fx) {
         l.idem_begin(&a, "idem-1", &h1).await.unwrap(),
         IdemBegin::Replay(_)
     ));
+}
+
+/// A replica that dies mid-request leaves its Idempotency-Key in flight in a
+/// shared ledger, where no restart will ever find it. Once it is older than a
+/// reservation may stay pending (its reservation is resolved by then), retries
+/// get a definite answer instead of "in progress" for the whole retention.
+async fn answers_an_idempotency_key_left_in_flight_past_the_pending_ttl(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let mut cfg = fx.cfg();
+    cfg.pending_ttl_secs = 600;
+    let l = fx.open_with(cfg, Arc::new(clock.clone())).await;
+    let k = key("key_istale");
+    let (h, other) = ([5u8; 32], [6u8; 32]);
+    assert!(matches!(
+        l.idem_begin(&k, "order-9", &h).await.unwrap(),
+        IdemBegin::New
+    ));
+    clock.advance(Duration::seconds(599));
+    assert!(matches!(
+        l.idem_begin(&k, "order-9", &h).await.unwrap(),
+        IdemBegin::InFlight
+    ));
+    // A different body is still a mismatch, stale or not.
+    clock.advance(Duration::seconds(2));
+    assert!(matches!(
+        l.idem_begin(&k, "order-9", &other).await.unwrap(),
+        IdemBegin::Mismatch
+    ));
+    let first = match l.idem_begin(&k, "order-9", &h).await.unwrap() {
+        IdemBegin::Replay(a) => a,
+        other => panic!("a stale in-flight record must answer definitely, got {other:?}"),
+    };
+    let text = String::from_utf8(first.body.clone()).unwrap();
+    assert!(text.contains("interrupted"), "{text}");
+    // The answer is stored: the next retry replays the same bytes.
+    match l.idem_begin(&k, "order-9", &h).await.unwrap() {
+        IdemBegin::Replay(again) => assert_eq!(again, first),
+        other => panic!("expected the stored answer again, got {other:?}"),
+    }
 }
 
 fn record(id: &str, hash: &str, name: &str) -> KeyRecord {

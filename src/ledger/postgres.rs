@@ -889,6 +889,31 @@ impl PgLedger {
             if inserted.is_some() {
                 return Ok(IdemBegin::New);
             }
+            // A record left in flight longer than a reservation may stay pending
+            // belongs to a request whose gate stopped (its reservation has been
+            // resolved by the policy since): answer it definitely, once.
+            let answer = super::sqlite::interrupted_answer();
+            let status = i32::from(answer.status);
+            let stale_before = now.saturating_sub(self.ttl_ms);
+            let taken_over = client
+                .query_opt(
+                    "UPDATE idem SET state = 'done', status = $4, body = $5 \
+                     WHERE key = $1 AND idem_key = $2 AND body_hash = $3 AND state = 'inflight' \
+                     AND created_ms < $6 RETURNING 1",
+                    &[
+                        &key.as_str(),
+                        &idem_key,
+                        &hash,
+                        &status,
+                        &answer.body,
+                        &stale_before,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
+            if taken_over.is_some() {
+                return Ok(IdemBegin::Replay(answer));
+            }
             let row = client
                 .query_opt(
                     "SELECT body_hash, state, status, body FROM idem WHERE key = $1 AND idem_key = $2",

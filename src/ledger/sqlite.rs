@@ -901,11 +901,7 @@ impl SqliteLedger {
         // "still in progress" to every retry until they expire. Their requests
         // were settled just above, so a retry gets a definite answer instead —
         // never a second upstream call (which could charge twice).
-        let interrupted = crate::envelope::error_body(
-            crate::envelope::Code::Internal,
-            "the first request with this Idempotency-Key was interrupted by a gate restart; \
-             its outcome is unknown and its reservation was settled by the pending policy",
-        );
+        let interrupted = interrupted_answer().body;
         ledger
             .custom(move |c| {
                 c.prepare_cached(
@@ -1529,10 +1525,12 @@ impl SqliteLedger {
     ) -> Result<IdemBegin, LedgerError> {
         let (key, idem_key, hash) = (key.0.clone(), idem_key.to_string(), body_hash.to_vec());
         let now = now_ms(&self.clock);
+        let stale_before = now.saturating_sub(self.ttl_ms);
         self.custom(move |c| {
             let existing = c
                 .prepare_cached(
-                    "SELECT body_hash, state, status, body FROM idem WHERE key = ?1 AND idem_key = ?2",
+                    "SELECT body_hash, state, status, body, created_ms FROM idem \
+                     WHERE key = ?1 AND idem_key = ?2",
                 )?
                 .query_row(params![key, idem_key], |r| {
                     Ok((
@@ -1540,6 +1538,7 @@ impl SqliteLedger {
                         r.get::<_, String>(1)?,
                         r.get::<_, Option<i64>>(2)?,
                         r.get::<_, Option<Vec<u8>>>(3)?,
+                        r.get::<_, i64>(4)?,
                     ))
                 })
                 .optional()?;
@@ -1551,6 +1550,22 @@ impl SqliteLedger {
                     )?
                     .execute(params![key, idem_key, hash, now])?;
                     IdemBegin::New
+                }
+                Some((stored, state, _, _, created))
+                    if stored == hash && state == "inflight" && created < stale_before =>
+                {
+                    let answer = interrupted_answer();
+                    c.prepare_cached(
+                        "UPDATE idem SET state = 'done', status = ?3, body = ?4 \
+                         WHERE key = ?1 AND idem_key = ?2 AND state = 'inflight'",
+                    )?
+                    .execute(params![
+                        key,
+                        idem_key,
+                        i64::from(answer.status),
+                        answer.body
+                    ])?;
+                    IdemBegin::Replay(answer)
                 }
                 Some(row) => idem_outcome(&hash, &row.0, &row.1, row.2, row.3),
             })
@@ -1751,6 +1766,23 @@ pub(super) fn reserve_replay(
         points: Points(points),
         remaining: Points(remaining),
     })
+}
+
+/// The answer for an Idempotency-Key whose first request never finished: its
+/// gate stopped (found at open), or it has been in flight longer than
+/// `pending_ttl_secs`, by which time its reservation was resolved by the
+/// pending policy (a replica that crashed leaves such records in a shared
+/// ledger). A definite answer, never a second upstream call that could charge
+/// twice.
+pub(super) fn interrupted_answer() -> StoredAnswer {
+    StoredAnswer {
+        status: 200,
+        body: crate::envelope::error_body(
+            crate::envelope::Code::Internal,
+            "the first request with this Idempotency-Key was interrupted (its gate stopped); \
+             its outcome is unknown and its reservation was settled by the pending policy",
+        ),
+    }
 }
 
 /// Compares a stored idempotency record with a new submit.
