@@ -173,16 +173,26 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     })
 }
 
-/// Background upkeep: resolve expired reservations; check open tasks nobody
-/// polls; with a shared store, reload keys so that changes made on another
-/// replica take effect here too.
+/// Background upkeep: forget settled transfers kept in memory; resolve expired
+/// reservations; check open tasks nobody polls; with a shared store, reload
+/// keys so that changes made on another replica take effect here too.
 async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, shared_store: bool) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Settled transfers are forgotten more often than once a second: under load
+    // the memory they hold is proportional to the time they are kept.
+    let mut forget = tokio::time::interval(Duration::from_millis(250));
+    forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
     let mut key_cursor: i64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = forget.tick() => {
+                if let Err(e) = gate.ledger.forget_settled() {
+                    tracing::error!(error = %e, "forgetting settled transfers failed");
+                }
+                continue;
+            }
             _ = stop.changed() => return,
         }
         n += 1;

@@ -188,6 +188,7 @@ conformance!(
     resolves_reservations_left_pending_by_a_stopped_instance,
     ping_and_close_work,
     replays_and_refunds_transfers_settled_long_ago,
+    forgets_settled_transfers_within_a_second_and_still_answers_for_them,
 );
 
 // ---------------------------------------------------------------------------
@@ -868,6 +869,38 @@ async fn replays_and_refunds_transfers_settled_long_ago(fx: &Fx) {
     let v = l.void(&tid("old2")).await.unwrap();
     assert!(v.replay && v.points == Points(10), "{v:?}");
     l.reserve(&k, Points(10), &tid("old2")).await.unwrap();
+    let a = l.account(&k).await.unwrap();
+    assert_eq!((a.spent, a.reserved), (Points(0), Points(0)));
+    assert_clean(&l).await;
+}
+
+async fn forgets_settled_transfers_within_a_second_and_still_answers_for_them(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let l = fx.open(Arc::new(clock.clone())).await;
+    let k = key("key_forget");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(10), &tid("f1")).await.unwrap();
+    l.commit(&tid("f1"), Points(7)).await.unwrap();
+    l.reserve(&k, Points(10), &tid("f2")).await.unwrap();
+    // Pending reservations are never forgotten, however old.
+    clock.advance(Duration::seconds(1));
+    l.forget_settled().unwrap();
+    assert_eq!(l.pending_count().await.unwrap(), 1);
+    l.void(&tid("f2")).await.unwrap();
+    // A second later both settled chains are out of memory (embedded ledger);
+    // replays and a refund are answered from the file.
+    clock.advance(Duration::seconds(1));
+    l.forget_settled().unwrap();
+    let c = l.commit(&tid("f1"), Points(50)).await.unwrap();
+    assert!(c.replay && c.points == Points(7), "{c:?}");
+    let v = l.void(&tid("f2")).await.unwrap();
+    assert!(v.replay && v.points == Points(10), "{v:?}");
+    let r = l.reserve(&k, Points(10), &tid("f1")).await.unwrap();
+    assert_eq!(r.points, Points(10));
+    let f = l.refund(&tid("f1")).await.unwrap();
+    assert!(!f.replay && f.points == Points(7), "{f:?}");
     let a = l.account(&k).await.unwrap();
     assert_eq!((a.spent, a.reserved), (Points(0), Points(0)));
     assert_clean(&l).await;

@@ -499,6 +499,17 @@ impl Ledger {
         dispatch!(self, b => b.expire_pending().await)
     }
 
+    /// Lets go of the in-memory copies of settled transfer chains that the
+    /// embedded ledger keeps for quick replays (they stay in the file); nothing
+    /// to do for PostgreSQL. Cheap; the gate calls it several times a second, so
+    /// that the memory they take follows the request rate of the last second.
+    pub fn forget_settled(&self) -> Result<(), LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(b) => b.forget_settled(),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
     /// How many reservations are pending.
     pub async fn pending_count(&self) -> Result<u64, LedgerError> {
         dispatch!(self, b => b.pending_count().await)
