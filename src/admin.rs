@@ -447,7 +447,7 @@ async fn create_key(gate: &Gate, body: &[u8], actor: &str) -> Answer {
             .await
             .map_err(internal)?;
         gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(rec.clone());
+        gate.keys.put(&rec);
         admin_audit(
             gate,
             actor,
@@ -561,7 +561,7 @@ async fn patch_key(gate: &Gate, id: &str, body: &[u8], actor: &str) -> Answer {
                 .map_err(internal)?;
         }
         gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(rec.clone());
+        gate.keys.put(&rec);
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         admin_audit(gate, actor, "key_update", &rec.id, Value::Object(m)).await;
         Ok::<_, Answer>(json_answer(StatusCode::OK, &key_view(&rec, Some(&acc))))
@@ -575,7 +575,7 @@ async fn disable_key(gate: &Gate, id: &str, actor: &str) -> Answer {
         rec.disabled = true;
         rec.updated_at = gate.clock.now();
         gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(rec.clone());
+        gate.keys.put(&rec);
         admin_audit(gate, actor, "key_disable", &rec.id, Value::Null).await;
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         Ok::<_, Answer>(json_answer(StatusCode::OK, &key_view(&rec, Some(&acc))))
@@ -618,7 +618,7 @@ async fn rotate(gate: &Gate, id: &str, actor: &str) -> Answer {
         rec.secret_prefix = keys::secret_prefix(&secret);
         rec.updated_at = gate.clock.now();
         gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(rec.clone());
+        gate.keys.put(&rec);
         admin_audit(gate, actor, "key_rotate", &rec.id, Value::Null).await;
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         let mut v = key_view(&rec, Some(&acc));

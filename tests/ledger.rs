@@ -181,6 +181,7 @@ conformance!(
     expires_pending_reservations_by_the_void_policy,
     keeps_idempotency_records_scoped_to_the_key,
     stores_and_finds_key_records,
+    pages_through_key_records_in_id_order,
     verify_detects_a_tampered_account,
     budget_changes_are_recorded_transfers,
     admits_exactly_what_fits_under_64_concurrent_tasks,
@@ -689,6 +690,41 @@ async fn stores_and_finds_key_records(fx: &Fx) {
         Err(LedgerError::Conflict(_))
     ));
     assert_eq!(l.keys().await.unwrap().len(), 2);
+}
+
+async fn pages_through_key_records_in_id_order(fx: &Fx) {
+    let l = fx.open(system()).await;
+    assert!(l.keys_page(None, 10).await.unwrap().is_empty());
+    let mut all = Vec::new();
+    // Stored out of order.
+    for i in [3u8, 0, 6, 1, 5, 2, 4] {
+        let r = record(
+            &format!("key_000000000000000{i}"),
+            &format!("{i:x}").repeat(64),
+            &format!("studio {i}"),
+        );
+        l.put_key(&r).await.unwrap();
+        all.push(r);
+    }
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = l.keys_page(after.as_ref(), 3).await.unwrap();
+        assert!(page.len() <= 3);
+        seen.extend(page.iter().cloned());
+        match page.last() {
+            Some(last) if page.len() == 3 => after = Some(last.id.clone()),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, all);
+    assert_eq!(l.keys_page(None, 100).await.unwrap(), all);
+    assert_eq!(
+        l.keys_page(Some(&all[5].id), 100).await.unwrap(),
+        all[6..].to_vec()
+    );
+    assert!(l.keys_page(Some(&all[6].id), 100).await.unwrap().is_empty());
 }
 
 async fn verify_detects_a_tampered_account(fx: &Fx) {

@@ -48,6 +48,7 @@ mod cli;
 mod idfilter;
 mod postgres;
 mod sqlite;
+mod sqlite_keys;
 
 pub use cli::verify_cmd;
 
@@ -351,7 +352,7 @@ pub struct Ledger {
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &*self.inner {
-            Backend::Sqlite(_) => "sqlite",
+            Backend::Sqlite(..) => "sqlite",
             Backend::Postgres(_) => "postgres",
         };
         f.debug_struct("Ledger").field("backend", &kind).finish()
@@ -362,14 +363,15 @@ impl std::fmt::Debug for Ledger {
 /// value per ledger, behind the handle's `Arc`, so the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 enum Backend {
-    Sqlite(sqlite::SqliteLedger),
+    /// The ledger, and its key records read page by page (see `sqlite_keys`).
+    Sqlite(sqlite::SqliteLedger, sqlite_keys::KeyPages),
     Postgres(postgres::PgLedger),
 }
 
 macro_rules! dispatch {
     ($self:ident, $b:ident => $e:expr) => {
         match &*$self.inner {
-            Backend::Sqlite($b) => $e,
+            Backend::Sqlite($b, _) => $e,
             Backend::Postgres($b) => $e,
         }
     };
@@ -382,7 +384,13 @@ impl Ledger {
     pub async fn open(cfg: &LedgerConfig, clock: SharedClock) -> Result<Ledger, LedgerError> {
         let backend = match cfg.backend {
             BackendKind::Sqlite => {
-                Backend::Sqlite(sqlite::SqliteLedger::open(cfg, clock.clone()).await?)
+                let ledger = sqlite::SqliteLedger::open(cfg, clock.clone()).await?;
+                let path = cfg
+                    .path
+                    .as_deref()
+                    .ok_or_else(|| LedgerError::Config("ledger.path is not set".into()))?;
+                // After `open`: the file and its `keys` table exist now.
+                Backend::Sqlite(ledger, sqlite_keys::KeyPages::open(path)?)
             }
             BackendKind::Postgres => {
                 Backend::Postgres(postgres::PgLedger::open(cfg, clock.clone()).await?)
@@ -505,7 +513,7 @@ impl Ledger {
     /// that the memory they take follows the request rate of the last second.
     pub fn forget_settled(&self) -> Result<(), LedgerError> {
         match &*self.inner {
-            Backend::Sqlite(b) => b.forget_settled(),
+            Backend::Sqlite(b, _) => b.forget_settled(),
             Backend::Postgres(_) => Ok(()),
         }
     }
@@ -574,6 +582,20 @@ impl Ledger {
     /// All key records, ordered by id.
     pub async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
         dispatch!(self, b => b.keys().await)
+    }
+
+    /// Key records in id order: at most `limit` of those whose id comes after
+    /// `after` (from the first when `None`). Pages let the gate load and list
+    /// 100,000 keys without holding every record in memory at once.
+    pub async fn keys_page(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(_, pages) => pages.page(after, limit),
+            Backend::Postgres(b) => b.keys_page(after, limit).await,
+        }
     }
 
     /// Keys changed since `cursor` (0 at first) and the cursor to pass next time:

@@ -1035,6 +1035,32 @@ impl PgLedger {
     }
 }
 
+impl PgLedger {
+    pub(super) async fn keys_page(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
+        let client = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Every id sorts after '' (ids are never empty).
+        let after = after.map_or("", |k| k.as_str());
+        let rows = client
+            .query(
+                "SELECT record FROM keys WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &limit],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let json: &str = r.try_get(0).map_err(pg)?;
+                super::sqlite::parse_key(json)
+            })
+            .collect()
+    }
+}
+
 /// The task registry, in the same database as the ledger so replicas share it.
 impl PgLedger {
     pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
