@@ -187,9 +187,18 @@ async fn probe_upstream(gate: &Gate) -> Result<(), String> {
 }
 
 async fn render_metrics(gate: &Gate) -> String {
+    use crate::metrics::KeyGauges;
     use std::fmt::Write;
     let mut out = gate.metrics.render();
-    if let Ok(accts) = gate.ledger.accounts().await {
+    let accts = match gate.cfg.metrics.key_gauges {
+        KeyGauges::All => gate.ledger.accounts().await,
+        KeyGauges::Active => {
+            let keys: Vec<KeyId> = gate.metrics.active_keys().into_iter().map(KeyId).collect();
+            gate.ledger.accounts_of(&keys).await
+        }
+        KeyGauges::None => Ok(Vec::new()),
+    };
+    if let Ok(accts) = accts {
         out.push_str("# TYPE gate_budget_remaining_points gauge\n");
         for a in &accts {
             let _ = writeln!(

@@ -434,3 +434,45 @@ fn shipped_config_file_parses() {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gate.toml");
     chuzhan_gate::config::Config::from_file(&p).unwrap();
 }
+
+async fn metrics_text(env: &Env) -> String {
+    env.http
+        .get(env.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn per_key_gauges_cover_active_keys_unless_configured_otherwise() {
+    let env = Env::new().await;
+    let (busy, secret) = env.key(json!({"name": "busy", "budget": 100})).await;
+    let (idle, _) = env.key(json!({"name": "idle", "budget": 100})).await;
+    env.post("/aiapi/v1/draw", &secret, SEED_768).await;
+    let text = metrics_text(&env).await;
+    assert!(
+        text.contains(&format!(
+            "gate_budget_remaining_points{{key=\"{busy}\"}} 88"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("gate_reserved_points{{key=\"{busy}\"}} 0")));
+    assert!(!text.contains(&idle), "{text}");
+
+    for (gauges, busy_shown, idle_shown) in [("all", true, true), ("none", false, false)] {
+        let env = Env::with(Default::default(), |c| {
+            c.metrics.key_gauges = serde_json::from_value(json!(gauges)).unwrap();
+        })
+        .await;
+        let (busy, secret) = env.key(json!({"name": "busy", "budget": 100})).await;
+        let (idle, _) = env.key(json!({"name": "idle", "budget": 100})).await;
+        env.post("/aiapi/v1/draw", &secret, SEED_768).await;
+        let text = metrics_text(&env).await;
+        let gauge = |k: &str| format!("gate_budget_remaining_points{{key=\"{k}\"}}");
+        assert_eq!(text.contains(&gauge(&busy)), busy_shown, "{gauges}: {text}");
+        assert_eq!(text.contains(&gauge(&idle)), idle_shown, "{gauges}: {text}");
+    }
+}

@@ -475,6 +475,28 @@ impl Ledger {
         dispatch!(self, b => b.accounts().await)
     }
 
+    /// The accounts of `keys` that exist, ordered by key: what a page of keys or
+    /// the keys active since start need, without building every account's view.
+    pub async fn accounts_of(&self, keys: &[KeyId]) -> Result<Vec<AccountView>, LedgerError> {
+        let mut out = match &*self.inner {
+            Backend::Sqlite(b, _) => {
+                // In memory: one lookup per key.
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    match b.account(k).await {
+                        Ok(v) => out.push(v),
+                        Err(LedgerError::UnknownAccount(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                out
+            }
+            Backend::Postgres(b) => b.accounts_of(keys).await?,
+        };
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     /// Reserves `points` on `key` under transfer id `id`, durably, if they fit.
     pub async fn reserve(
         &self,

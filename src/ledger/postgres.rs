@@ -549,6 +549,29 @@ impl PgLedger {
             .collect()
     }
 
+    pub(super) async fn accounts_of(
+        &self,
+        keys: &[KeyId],
+    ) -> Result<Vec<AccountView>, LedgerError> {
+        let now = now_ms(&self.clock);
+        let client = self.client().await?;
+        let ids: Vec<&str> = keys.iter().map(KeyId::as_str).collect();
+        let rows = client
+            .query(
+                "SELECT key, budget, spent, reserved, period, window_ms FROM accounts \
+                 WHERE key = ANY($1) ORDER BY key",
+                &[&ids],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let key = KeyId(r.try_get("key").map_err(pg)?);
+                Ok(account_state(r)?.view(&key, now, self.tz))
+            })
+            .collect()
+    }
+
     pub(super) async fn reserve(
         &self,
         key: &KeyId,
