@@ -635,7 +635,8 @@ def memory_run(procs: Procs, bin_: str, sim: Sim, a, oha: str | None, tmp: Path)
     if sim.accepted_draws() - before < res.requests:
         _, sample = http("POST", g.url + DRAW_PATH, json.loads(DRAW_BODY), {"Auth-Token": g.key})
         raise BenchError(f"memory run: draws were not accepted upstream; one answer: {sample[:300]!r}")
-    log(f"memory: {accounts} keys: RSS idle {idle['VmRSS'] / 1024:.1f} MiB, after 5 s of draws "
+    log(f"memory: {accounts} keys: RSS idle {idle['VmRSS'] / 1024:.1f} MiB (peak so far "
+        f"{idle['VmHWM'] / 1024:.1f}), after 5 s of draws "
         f"{loaded['VmRSS'] / 1024:.1f} MiB (peak {loaded['VmHWM'] / 1024:.1f}); idle CPU {idle_cpu * 100:.0f}%")
     # Side observations, after the RSS readings (they allocate).
     create_large = time_key_creates(g, oha, small)
@@ -644,7 +645,8 @@ def memory_run(procs: Procs, bin_: str, sim: Sim, a, oha: str | None, tmp: Path)
     procs.stop(g.proc, timeout=40)
     log(f"memory: {small} key creations took {create_small:.1f} s with 1 key, {create_large:.1f} s with {accounts}")
     return {
-        "keys": accounts, "rss_idle_kib": idle["VmRSS"], "rss_kib": loaded["VmRSS"], "hwm_kib": loaded["VmHWM"],
+        "keys": accounts, "rss_idle_kib": idle["VmRSS"], "hwm_idle_kib": idle["VmHWM"],
+        "rss_kib": loaded["VmRSS"], "hwm_kib": loaded["VmHWM"],
         "idle_cpu": idle_cpu, "draw_rps": res.rps, "small": small, "create_small_s": create_small,
         "create_large_s": create_large, "metrics_bytes": metrics_bytes,
     }
