@@ -628,6 +628,15 @@ impl Ledger {
         dispatch!(self, b => b.keys_since(cursor).await)
     }
 
+    /// The cursor to poll [`Ledger::keys_since`] from to see only changes made
+    /// from now on (0 for the embedded ledger, which nobody else changes).
+    pub async fn key_cursor(&self) -> Result<i64, LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(..) => Ok(0),
+            Backend::Postgres(b) => b.key_cursor().await,
+        }
+    }
+
     /// Registers a task the gate charged (first write wins; a replay is a no-op).
     pub async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
         dispatch!(self, b => b.put_task(rec).await)

@@ -1021,6 +1021,15 @@ impl PgLedger {
 
     /// Keys changed after `cursor` (a value of the change sequence), and the new
     /// cursor.
+    pub(super) async fn key_cursor(&self) -> Result<i64, LedgerError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT COALESCE(max(change_seq), 0) FROM keys", &[])
+            .await
+            .map_err(pg)?;
+        row.try_get(0).map_err(pg)
+    }
+
     pub(super) async fn keys_since(
         &self,
         cursor: i64,
