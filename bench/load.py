@@ -5,6 +5,7 @@ Run from anywhere in a clone (Python 3.11+, wrk, oha; nginx and PostgreSQL optio
 
     python3 bench/load.py                 # build, measure, write docs/benchmarks.md "## Load"
     python3 bench/load.py --no-write      # measure and print only
+    python3 bench/load.py --only memory   # just step 4 (memory), printed, nothing written
 
 What it does, in one bounded run (a watchdog stops it after --deadline seconds, 570 by
 default, leaving every process it started stopped):
@@ -550,9 +551,13 @@ def bulk_insert_keys(db: Path, n: int) -> None:
         con.close()
 
 
-def time_key_creates(g: Gate, oha: str, n: int) -> float:
-    """Seconds for n `POST /admin/keys` over 8 connections."""
+def time_key_creates(g: Gate, oha: str | None, n: int) -> float:
+    """Seconds for n `POST /admin/keys` over 8 connections (one at a time without oha)."""
     t = time.monotonic()
+    if oha is None:
+        for i in range(n):
+            create_key(g, f"bench-client-{i}", 1000)
+        return time.monotonic() - t
     j = run_oha_count(oha, g.admin + "/admin/keys", json.dumps({"name": "bench-client", "budget": 1000}),
                       [f"Authorization: Bearer {ADMIN_TOKEN}", "Content-Type: application/json"], n, 8, timeout=300)
     codes = j.get("statusCodeDistribution", {})
@@ -601,7 +606,7 @@ INSERT INTO keys SELECT {kid}, {h}, json_build_object('id', {kid}, 'name', 'bulk
             "idle_cpu": idle_cpu}
 
 
-def memory_run(procs: Procs, bin_: str, sim: Sim, a, oha: str, tmp: Path) -> dict:
+def memory_run(procs: Procs, bin_: str, sim: Sim, a, oha: str | None, tmp: Path) -> dict:
     """RSS of a gate (SQLite ledger, audit on) that starts with a.keys keys."""
     g = start_gate(procs, bin_, tmp, "mem", sim, {}, None)
     g.key = create_key(g, "bench", HUGE_BUDGET)
@@ -630,7 +635,8 @@ def memory_run(procs: Procs, bin_: str, sim: Sim, a, oha: str, tmp: Path) -> dic
     if sim.accepted_draws() - before < res.requests:
         _, sample = http("POST", g.url + DRAW_PATH, json.loads(DRAW_BODY), {"Auth-Token": g.key})
         raise BenchError(f"memory run: draws were not accepted upstream; one answer: {sample[:300]!r}")
-    log(f"memory: {accounts} keys: RSS idle {idle['VmRSS'] / 1024:.1f} MiB, after 5 s of draws "
+    log(f"memory: {accounts} keys: RSS idle {idle['VmRSS'] / 1024:.1f} MiB (peak so far "
+        f"{idle['VmHWM'] / 1024:.1f}), after 5 s of draws "
         f"{loaded['VmRSS'] / 1024:.1f} MiB (peak {loaded['VmHWM'] / 1024:.1f}); idle CPU {idle_cpu * 100:.0f}%")
     # Side observations, after the RSS readings (they allocate).
     create_large = time_key_creates(g, oha, small)
@@ -639,7 +645,8 @@ def memory_run(procs: Procs, bin_: str, sim: Sim, a, oha: str, tmp: Path) -> dic
     procs.stop(g.proc, timeout=40)
     log(f"memory: {small} key creations took {create_small:.1f} s with 1 key, {create_large:.1f} s with {accounts}")
     return {
-        "keys": accounts, "rss_idle_kib": idle["VmRSS"], "rss_kib": loaded["VmRSS"], "hwm_kib": loaded["VmHWM"],
+        "keys": accounts, "rss_idle_kib": idle["VmRSS"], "hwm_idle_kib": idle["VmHWM"],
+        "rss_kib": loaded["VmRSS"], "hwm_kib": loaded["VmHWM"],
         "idle_cpu": idle_cpu, "draw_rps": res.rps, "small": small, "create_small_s": create_small,
         "create_large_s": create_large, "metrics_bytes": metrics_bytes,
     }
@@ -860,6 +867,36 @@ def build(a) -> str:
     return str(b)
 
 
+def memory_only(a, oha: str | None) -> int:
+    """Step 4 alone: the memory of a gate holding a.keys keys, printed as JSON.
+
+    Without oha the 1,000 admin-API key creations are made one at a time (the
+    timings then say less; the memory figures are the same)."""
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="gate-bench-"))
+    schema = f"bench_{os.getpid()}_{int(time.time())}_mem"
+    pg_used = False
+    try:
+        bin_ = str(shutil.copy2(build(a), tmp / "chuzhan-gate"))
+        sim = start_sim(procs, bin_, tmp)
+        mem = memory_run(procs, bin_, sim, a, oha, tmp)
+        if not a.no_pg and pg_reachable(a.pg_url) and shutil.which("psql"):
+            pg_used = True
+            mem["pg"] = pg_memory_run(procs, bin_, sim, a, tmp, schema)
+    except (BenchError, Deadline) as e:
+        log(f"FAILED: {e}")
+        log(f"logs kept in {tmp}")
+        return 1
+    finally:
+        signal.alarm(0)
+        procs.stop_all()
+        if pg_used:
+            drop_pg_schema(a.pg_url, schema)
+    print(json.dumps(mem, indent=2))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", help="use this chuzhan-gate binary instead of building")
@@ -878,6 +915,9 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument("--deadline", type=int, default=570, help="stop everything after this many seconds")
+    ap.add_argument("--only", choices=["memory"],
+                    help="run only this step (memory: step 4, SQLite and, unless --no-pg, PostgreSQL); "
+                         "prints its figures as JSON and writes nothing")
     a = ap.parse_args()
     cmd = "python3 bench/load.py" + ("" if len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
 
@@ -902,6 +942,8 @@ def main() -> int:
         print("wrk is needed (apt-get install wrk)", file=sys.stderr)
         return 2
     oha = oha_bin()
+    if a.only == "memory":
+        return memory_only(a, oha)
     if not oha:
         print("oha is needed for the fixed-rate latency runs (cargo install --locked oha)", file=sys.stderr)
         return 2

@@ -126,7 +126,7 @@ async fn admin_route(
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
     match (method, parts.as_slice()) {
         (&Method::POST, ["keys"]) => create_key(gate, body, actor).await,
-        (&Method::GET, ["keys"]) => list_keys(gate).await,
+        (&Method::GET, ["keys"]) => list_keys(gate, query).await,
         (&Method::GET, ["keys", id]) => show_key(gate, id).await,
         (&Method::PATCH, ["keys", id]) => patch_key(gate, id, body, actor).await,
         (&Method::DELETE, ["keys", id]) => disable_key(gate, id, actor).await,
@@ -187,9 +187,18 @@ async fn probe_upstream(gate: &Gate) -> Result<(), String> {
 }
 
 async fn render_metrics(gate: &Gate) -> String {
+    use crate::metrics::KeyGauges;
     use std::fmt::Write;
     let mut out = gate.metrics.render();
-    if let Ok(accts) = gate.ledger.accounts().await {
+    let accts = match gate.cfg.metrics.key_gauges {
+        KeyGauges::All => gate.ledger.accounts().await,
+        KeyGauges::Active => {
+            let keys: Vec<KeyId> = gate.metrics.active_keys().into_iter().map(KeyId).collect();
+            gate.ledger.accounts_of(&keys).await
+        }
+        KeyGauges::None => Ok(Vec::new()),
+    };
+    if let Ok(accts) = accts {
         out.push_str("# TYPE gate_budget_remaining_points gauge\n");
         for a in &accts {
             let _ = writeln!(
@@ -447,7 +456,7 @@ async fn create_key(gate: &Gate, body: &[u8], actor: &str) -> Answer {
             .await
             .map_err(internal)?;
         gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(rec.clone());
+        gate.keys.put(&rec);
         admin_audit(
             gate,
             actor,
@@ -478,20 +487,125 @@ async fn find_key(gate: &Gate, id: &str) -> Result<KeyRecord, Answer> {
         .ok_or_else(|| error(StatusCode::NOT_FOUND, Some("id"), format!("no key {id}")))
 }
 
-async fn list_keys(gate: &Gate) -> Answer {
+/// Keys per page at most, and without `limit`.
+const PAGE_MAX: usize = 1000;
+const PAGE_DEFAULT: usize = 100;
+
+/// `GET /admin/keys`. Without parameters: every key, as one JSON array ordered
+/// by creation (the original answer; about 350 bytes a key). With `limit`
+/// and/or `after`: one page in id order, `{"keys": [...], "next": id|null}`;
+/// pass `next` as `after` for the following page. Ids never change, so pages
+/// are stable while keys are added (a new key shows up on the page its id
+/// sorts into).
+async fn list_keys(gate: &Gate, query: &str) -> Answer {
+    let mut limit = None;
+    let mut after = None;
+    for (k, v) in query
+        .split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+    {
+        match k {
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=PAGE_MAX).contains(&n) => limit = Some(n),
+                _ => {
+                    return field::bad(
+                        "limit",
+                        &format!("must be a whole number from 1 to {PAGE_MAX}"),
+                    )
+                }
+            },
+            "after" => {
+                let id = percent_decode(v);
+                if id.is_empty() {
+                    return field::bad("after", "must be a key id (the `next` of a page)");
+                }
+                after = Some(KeyId(id));
+            }
+            other => return field::bad(other, "unknown parameter (limit, after)"),
+        }
+    }
     let r = async {
-        let mut recs = gate.ledger.keys().await.map_err(internal)?;
-        recs.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-        let accts = gate.ledger.accounts().await.map_err(internal)?;
-        let by_key: std::collections::HashMap<&KeyId, &AccountView> =
-            accts.iter().map(|a| (&a.key, a)).collect();
-        let list: Vec<Value> = recs
-            .iter()
-            .map(|r| key_view(r, by_key.get(&r.id).copied()))
-            .collect();
-        Ok::<_, Answer>(json_answer(StatusCode::OK, &Value::Array(list)))
+        if limit.is_none() && after.is_none() {
+            return list_all_keys(gate).await;
+        }
+        let limit = limit.unwrap_or(PAGE_DEFAULT);
+        // One more than asked, to know whether a next page exists.
+        let mut recs = gate
+            .ledger
+            .keys_page(after.as_ref(), limit + 1)
+            .await
+            .map_err(internal)?;
+        let more = recs.len() > limit;
+        recs.truncate(limit);
+        let list = key_views(gate, &recs).await?;
+        let next = recs.last().filter(|_| more).map(|r| r.id.clone());
+        Ok::<_, Answer>(json_answer(
+            StatusCode::OK,
+            &json!({"keys": list, "next": next}),
+        ))
     };
     r.await.unwrap_or_else(|a| a)
+}
+
+/// Every key, ordered by creation then id. Built a page of records at a time,
+/// each key's view serialized at once into one buffer (large buffers go back
+/// to the OS when freed; 100,000 small ones would stay with the allocator),
+/// then copied into the answer in order.
+async fn list_all_keys(gate: &Gate) -> Result<Answer, Answer> {
+    // (created, id's range in `ids`, view's range in `views`)
+    type Span = std::ops::Range<usize>;
+    let mut order: Vec<(DateTime<Utc>, Span, Span)> = Vec::new();
+    let (mut ids, mut views) = (String::new(), Vec::new());
+    let mut after: Option<KeyId> = None;
+    loop {
+        let recs = gate
+            .ledger
+            .keys_page(after.as_ref(), PAGE_MAX)
+            .await
+            .map_err(internal)?;
+        for (rec, view) in recs.iter().zip(key_views(gate, &recs).await?) {
+            let id = ids.len()..ids.len() + rec.id.as_str().len();
+            ids.push_str(rec.id.as_str());
+            let start = views.len();
+            serde_json::to_writer(&mut views, &view).map_err(internal)?;
+            order.push((rec.created_at, id, start..views.len()));
+        }
+        match recs.last() {
+            Some(last) if recs.len() == PAGE_MAX => after = Some(last.id.clone()),
+            _ => break,
+        }
+    }
+    order.sort_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| ids[a.1.clone()].cmp(&ids[b.1.clone()]))
+    });
+    let mut body = Vec::with_capacity(views.len() + order.len() + 2);
+    body.push(b'[');
+    for (i, (_, _, view)) in order.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&views[view.clone()]);
+    }
+    body.push(b']');
+    Ok(Answer {
+        status: StatusCode::OK,
+        ctype: "application/json",
+        body,
+    })
+}
+
+/// The public views of `recs`, in the same order, with their accounts.
+async fn key_views(gate: &Gate, recs: &[KeyRecord]) -> Result<Vec<Value>, Answer> {
+    let ids: Vec<KeyId> = recs.iter().map(|r| r.id.clone()).collect();
+    let accts = gate.ledger.accounts_of(&ids).await.map_err(internal)?;
+    let by_key: std::collections::HashMap<&KeyId, &AccountView> =
+        accts.iter().map(|a| (&a.key, a)).collect();
+    Ok(recs
+        .iter()
+        .map(|r| key_view(r, by_key.get(&r.id).copied()))
+        .collect())
 }
 
 async fn show_key(gate: &Gate, id: &str) -> Answer {
@@ -561,7 +675,7 @@ async fn patch_key(gate: &Gate, id: &str, body: &[u8], actor: &str) -> Answer {
                 .map_err(internal)?;
         }
         gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(rec.clone());
+        gate.keys.put(&rec);
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         admin_audit(gate, actor, "key_update", &rec.id, Value::Object(m)).await;
         Ok::<_, Answer>(json_answer(StatusCode::OK, &key_view(&rec, Some(&acc))))
@@ -575,7 +689,7 @@ async fn disable_key(gate: &Gate, id: &str, actor: &str) -> Answer {
         rec.disabled = true;
         rec.updated_at = gate.clock.now();
         gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(rec.clone());
+        gate.keys.put(&rec);
         admin_audit(gate, actor, "key_disable", &rec.id, Value::Null).await;
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         Ok::<_, Answer>(json_answer(StatusCode::OK, &key_view(&rec, Some(&acc))))
@@ -618,7 +732,7 @@ async fn rotate(gate: &Gate, id: &str, actor: &str) -> Answer {
         rec.secret_prefix = keys::secret_prefix(&secret);
         rec.updated_at = gate.clock.now();
         gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(rec.clone());
+        gate.keys.put(&rec);
         admin_audit(gate, actor, "key_rotate", &rec.id, Value::Null).await;
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         let mut v = key_view(&rec, Some(&acc));

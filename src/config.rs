@@ -7,6 +7,7 @@
 
 use crate::audit::AuditConfig;
 use crate::ledger::{BackendKind, LedgerConfig};
+use crate::metrics::MetricsConfig;
 use crate::pricing::PriceTable;
 use crate::tasks::TasksConfig;
 use serde::Deserialize;
@@ -202,6 +203,8 @@ pub struct Config {
     pub pricing: PriceTable,
     /// Following tasks to their end.
     pub tasks: TasksConfig,
+    /// What `/metrics` shows.
+    pub metrics: MetricsConfig,
     /// The admin token (from `GATE_ADMIN_TOKEN` only).
     #[serde(skip)]
     pub admin_token: Secret,
@@ -223,6 +226,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             pricing: PriceTable::default(),
             tasks: TasksConfig::default(),
+            metrics: MetricsConfig::default(),
             admin_token: Secret::default(),
         }
     }

@@ -19,7 +19,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, RejectStatus, UnknownOutcome};
 use crate::envelope::{self, Code};
 use crate::json_edit;
-use crate::keys::{KeyCache, KeyRecord};
+use crate::keys::{ActiveKey, KeyCache};
 use crate::ledger::{IdemBegin, Ledger, LedgerError, Settled, StoredAnswer};
 use crate::points::{Points, TransferId};
 use crate::pricing::{self, Endpoint, PriceInputs, Priced, Quote};
@@ -110,7 +110,7 @@ impl Reject {
 struct Trace {
     id: String,
     started: Instant,
-    key: Option<Arc<KeyRecord>>,
+    key: Option<Arc<ActiveKey>>,
     endpoint: Option<Endpoint>,
     path: String,
     quote: Option<Quote>,
@@ -331,7 +331,7 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
 
 /// Authenticate: find the client's key from `Auth-Token: <key>` or
 /// `Authorization: Bearer <key>`. Missing, empty, unknown, disabled or expired → 1001.
-fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<KeyRecord>, Reject> {
+fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<ActiveKey>, Reject> {
     let presented = headers
         .get("auth-token")
         .and_then(|v| v.to_str().ok())
@@ -458,7 +458,7 @@ enum IdemState {
 /// with another body or while the first is still in flight.
 async fn idempotency(
     gate: &Gate,
-    key: &KeyRecord,
+    key: &ActiveKey,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Option<IdemState>, Reject> {
@@ -513,7 +513,7 @@ fn is_task_read(ep: Endpoint) -> bool {
 /// a task the gate never charged, are refused alike, as if they did not exist.
 async fn own_task(
     gate: &Gate,
-    key: &KeyRecord,
+    key: &ActiveKey,
     body: &[u8],
     t: &mut Trace,
 ) -> Result<Option<Arc<TaskRecord>>, Reject> {
@@ -538,7 +538,7 @@ async fn own_task(
 /// workflow's `consume` (from `/aiapi/workflow/detail`, cached).
 async fn price_inputs(
     gate: &Gate,
-    key: &KeyRecord,
+    key: &ActiveKey,
     ep: Endpoint,
     body: &[u8],
     t: &mut Trace,
@@ -565,7 +565,7 @@ async fn price_inputs(
 
 /// Limits: the key's submit rate and tasks in flight, and the operator-wide cap,
 /// checked before anything is reserved. Over a limit → 1005.
-fn limit(gate: &Gate, key: &KeyRecord) -> Result<crate::limits::Slot, Reject> {
+fn limit(gate: &Gate, key: &ActiveKey) -> Result<crate::limits::Slot, Reject> {
     gate.limits
         .check_rate(&key.id, key.rps, key.burst)
         .and_then(|()| {
@@ -579,7 +579,7 @@ fn limit(gate: &Gate, key: &KeyRecord) -> Result<crate::limits::Slot, Reject> {
 #[allow(clippy::too_many_arguments)]
 fn task_record(
     gate: &Gate,
-    key: &KeyRecord,
+    key: &ActiveKey,
     ep: Endpoint,
     transfer: &TransferId,
     task_id: &str,
@@ -646,7 +646,7 @@ struct Reservation {
 /// step. Not enough budget → 1002 with the price and what remains.
 async fn reserve(
     gate: &Gate,
-    key: &KeyRecord,
+    key: &ActiveKey,
     quote: &Quote,
     request_id: &str,
 ) -> Result<Reservation, Reject> {
@@ -793,7 +793,7 @@ fn read_verdict(body: &[u8]) -> Option<Verdict> {
 /// - sent but the answer was lost or unreadable → the configured policy (default charge).
 async fn settle(
     gate: &Gate,
-    key: &KeyRecord,
+    key: &ActiveKey,
     ep: Endpoint,
     r: Reservation,
     quote: &Quote,
@@ -941,7 +941,7 @@ fn rewrite_submit(body: &[u8], charged: Points, remaining: Points) -> Vec<u8> {
 
 /// `GET /aiapi/v1/client/detail`, answered from the client's own account; the
 /// operator's upstream balance is never shown.
-async fn client_detail(gate: &Gate, key: &KeyRecord) -> Result<Outcome, Reject> {
+async fn client_detail(gate: &Gate, key: &ActiveKey) -> Result<Outcome, Reject> {
     let acc = gate.ledger.account(&key.id).await.map_err(ledger_reject)?;
     /// The upstream's own field order.
     #[derive(serde::Serialize)]
@@ -953,7 +953,7 @@ async fn client_detail(gate: &Gate, key: &KeyRecord) -> Result<Outcome, Reject> 
         task_limit_count: u32,
     }
     let data = Detail {
-        company_name: &key.name,
+        company_name: key.name(),
         balance: acc.remaining.get(),
         used: acc.spent.get(),
         // The key's own limit; else the operator-wide cap; 0 when neither is set.
@@ -1028,7 +1028,7 @@ async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
     m.insert("request_id".into(), Value::from(t.id.as_str()));
     if let Some(k) = &t.key {
         m.insert("key_id".into(), Value::from(k.id.as_str()));
-        m.insert("key_name".into(), Value::from(k.name.as_str()));
+        m.insert("key_name".into(), Value::from(k.name()));
     }
     m.insert("endpoint".into(), Value::from(t.path.as_str()));
     m.insert("decision".into(), Value::from(decision(result)));
@@ -1081,7 +1081,7 @@ async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
 /// One audit record per ledger transition of a request (reserve, commit, void).
 async fn audit_transition(
     gate: &Gate,
-    key: &KeyRecord,
+    key: &ActiveKey,
     id: &TransferId,
     transition: &'static str,
     points: Points,
@@ -1092,7 +1092,7 @@ async fn audit_transition(
     m.insert("transition".into(), Value::from(transition));
     m.insert("request_id".into(), Value::from(id.as_str()));
     m.insert("key_id".into(), Value::from(key.id.as_str()));
-    m.insert("key_name".into(), Value::from(key.name.as_str()));
+    m.insert("key_name".into(), Value::from(key.name()));
     m.insert("points".into(), Value::from(points.get()));
     m.insert("remaining".into(), Value::from(remaining.get()));
     if let Err(e) = gate.audit.record(m).await {

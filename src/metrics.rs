@@ -4,9 +4,34 @@
 //! and counters keyed by label in a `DashMap` of atomics cost one hash per update.
 
 use dashmap::DashMap;
+use serde::Deserialize;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Which keys get the per-key gauges (`gate_budget_remaining_points`,
+/// `gate_reserved_points`) on `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyGauges {
+    /// Keys that moved points since the gate started (those with a
+    /// `gate_points_total` series): the ones whose budgets change.
+    #[default]
+    Active,
+    /// Every key: one series per key and gauge, about 11 MB per scrape with
+    /// 100,000 keys, and the gate builds all of it in memory for each scrape.
+    All,
+    /// None.
+    None,
+}
+
+/// The `[metrics]` section of the configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Which keys get per-key gauges.
+    pub key_gauges: KeyGauges,
+}
 
 /// Histogram bucket upper bounds, in seconds.
 const BUCKETS: [f64; 14] = [
@@ -118,6 +143,14 @@ impl Metrics {
             .entry((key.to_owned(), kind))
             .or_default()
             .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Keys that moved points since start, sorted.
+    pub fn active_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.points.iter().map(|e| e.key().0.clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
     }
 
     /// The upstream's `used` differed from the gate's price.

@@ -8,7 +8,8 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gate::{self, Gate, GateInner};
 use crate::keys::KeyCache;
-use crate::ledger::{BackendKind, Ledger};
+use crate::ledger::{BackendKind, Ledger, LedgerError};
+use crate::points::KeyId;
 use crate::upstream::client::Upstream;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -82,7 +83,10 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     };
     let upstream = Upstream::new(&cfg.upstream)?;
     let keys = KeyCache::default();
-    keys.replace_all(ledger.keys().await?);
+    // Taken before the load, so that a change made meanwhile on another replica
+    // is picked up by the first poll; polling from 0 would read every key again.
+    let key_cursor = ledger.key_cursor().await?;
+    load_keys(&ledger, &keys).await?;
     // Tasks still open count against their keys' concurrency limits.
     let open_tasks = ledger.open_task_counts().await?;
     let callback_client = reqwest::Client::builder()
@@ -160,7 +164,7 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     tasks.push(tokio::spawn(housekeeping(
         gate.clone(),
         stop_rx,
-        shared_store,
+        shared_store.then_some(key_cursor),
     )));
     tracing::info!(%addr, %admin_addr, upstream = gate.upstream.base(), "gate listening");
     Ok(Running {
@@ -173,29 +177,59 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     })
 }
 
-/// Background upkeep: resolve expired reservations; check open tasks nobody
-/// polls; with a shared store, reload keys so that changes made on another
-/// replica take effect here too.
-async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, shared_store: bool) {
+/// Keys read from the store per page when (re)loading the key cache.
+const KEY_PAGE: usize = 1000;
+
+/// Puts every key of the store into the cache, a page at a time so that the
+/// store's records are never all in memory at once, then drops cached keys the
+/// store no longer has. A failure part-way drops nothing.
+async fn load_keys(ledger: &Ledger, keys: &KeyCache) -> Result<usize, LedgerError> {
+    let mut reload = keys.reload();
+    let mut after: Option<KeyId> = None;
+    loop {
+        let page = ledger.keys_page(after.as_ref(), KEY_PAGE).await?;
+        reload.put_page(&page);
+        match page.last() {
+            Some(last) if page.len() == KEY_PAGE => after = Some(last.id.clone()),
+            _ => break,
+        }
+    }
+    Ok(reload.finish())
+}
+
+/// Background upkeep: forget settled transfers kept in memory; resolve expired
+/// reservations; check open tasks nobody polls; with a shared store, reload
+/// keys so that changes made on another replica take effect here too.
+/// `key_cursor` is set with a shared store: where polling for changed keys starts.
+async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, mut key_cursor: Option<i64>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Settled transfers are forgotten more often than once a second: under load
+    // the memory they hold is proportional to the time they are kept.
+    let mut forget = tokio::time::interval(Duration::from_millis(250));
+    forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
-    let mut key_cursor: i64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = forget.tick() => {
+                if let Err(e) = gate.ledger.forget_settled() {
+                    tracing::error!(error = %e, "forgetting settled transfers failed");
+                }
+                continue;
+            }
             _ = stop.changed() => return,
         }
         n += 1;
-        if shared_store {
+        if let Some(cursor) = key_cursor.as_mut() {
             // Changed keys every second; everything once a minute, which also
             // catches a change committed out of sequence order.
             if n % 60 == 0 {
-                if let Ok(keys) = gate.ledger.keys().await {
-                    gate.keys.replace_all(keys);
+                if let Err(e) = load_keys(&gate.ledger, &gate.keys).await {
+                    tracing::warn!(error = %e, "reloading keys failed");
                 }
-            } else if let Ok((keys, next)) = gate.ledger.keys_since(key_cursor).await {
-                key_cursor = next;
-                gate.keys.put_all(keys);
+            } else if let Ok((keys, next)) = gate.ledger.keys_since(*cursor).await {
+                *cursor = next;
+                gate.keys.put_all(&keys);
             }
         }
         if n % gate.cfg.tasks.check_interval_secs.max(1) == 0 {

@@ -434,3 +434,147 @@ fn shipped_config_file_parses() {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/gate.toml");
     chuzhan_gate::config::Config::from_file(&p).unwrap();
 }
+
+#[tokio::test]
+async fn lists_keys_a_page_at_a_time_in_id_order() {
+    let env = Env::new().await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        ids.push(
+            env.key(json!({"name": format!("k{i}"), "budget": 10 + i}))
+                .await
+                .0,
+        );
+    }
+    // Without parameters: every key, in order of creation, as before.
+    let (s, all) = env.admin(Method::GET, "/admin/keys", None).await;
+    assert_eq!(s, 200, "{all}");
+    let names: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["k0", "k1", "k2", "k3", "k4", "k5", "k6"]);
+    // Pages of 3 in id order, each key once, with its account.
+    let mut seen = Vec::new();
+    let mut path = "/admin/keys?limit=3".to_owned();
+    loop {
+        let (s, page) = env.admin(Method::GET, &path, None).await;
+        assert_eq!(s, 200, "{page}");
+        let keys = page["keys"].as_array().unwrap();
+        assert!(keys.len() <= 3);
+        for k in keys {
+            assert!(k["budget"].is_u64() && k.get("key").is_none(), "{k}");
+            seen.push(k["id"].as_str().unwrap().to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => path = format!("/admin/keys?limit=3&after={next}"),
+            None => break,
+        }
+    }
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(seen, sorted);
+    // The last page says there is no next one, even when it is full.
+    let (_, last) = env
+        .admin(
+            Method::GET,
+            &format!("/admin/keys?after={}", sorted[0]),
+            None,
+        )
+        .await;
+    assert_eq!(last["keys"].as_array().unwrap().len(), 6);
+    assert!(last["next"].is_null(), "{last}");
+    let (_, exact) = env
+        .admin(
+            Method::GET,
+            &format!("/admin/keys?limit=6&after={}", sorted[0]),
+            None,
+        )
+        .await;
+    assert_eq!(exact["keys"].as_array().unwrap().len(), 6);
+    assert!(exact["next"].is_null(), "{exact}");
+}
+
+#[tokio::test]
+async fn refuses_a_bad_page_request_naming_the_parameter() {
+    let env = Env::new().await;
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=ten", "limit"),
+        ("after=", "after"),
+        ("offset=5", "offset"),
+    ] {
+        let (s, v) = env
+            .admin(Method::GET, &format!("/admin/keys?{query}"), None)
+            .await;
+        assert_eq!(s, 400, "{query}: {v}");
+        assert_eq!(v["field"], field, "{query}: {v}");
+    }
+}
+
+async fn metrics_text(env: &Env) -> String {
+    env.http
+        .get(env.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn per_key_gauges_cover_active_keys_unless_configured_otherwise() {
+    let env = Env::new().await;
+    let (busy, secret) = env.key(json!({"name": "busy", "budget": 100})).await;
+    let (idle, _) = env.key(json!({"name": "idle", "budget": 100})).await;
+    env.post("/aiapi/v1/draw", &secret, SEED_768).await;
+    let text = metrics_text(&env).await;
+    assert!(
+        text.contains(&format!(
+            "gate_budget_remaining_points{{key=\"{busy}\"}} 88"
+        )),
+        "{text}"
+    );
+    assert!(text.contains(&format!("gate_reserved_points{{key=\"{busy}\"}} 0")));
+    assert!(!text.contains(&idle), "{text}");
+
+    for (gauges, busy_shown, idle_shown) in [("all", true, true), ("none", false, false)] {
+        let env = Env::with(Default::default(), |c| {
+            c.metrics.key_gauges = serde_json::from_value(json!(gauges)).unwrap();
+        })
+        .await;
+        let (busy, secret) = env.key(json!({"name": "busy", "budget": 100})).await;
+        let (idle, _) = env.key(json!({"name": "idle", "budget": 100})).await;
+        env.post("/aiapi/v1/draw", &secret, SEED_768).await;
+        let text = metrics_text(&env).await;
+        let gauge = |k: &str| format!("gate_budget_remaining_points{{key=\"{k}\"}}");
+        assert_eq!(text.contains(&gauge(&busy)), busy_shown, "{gauges}: {text}");
+        assert_eq!(text.contains(&gauge(&idle)), idle_shown, "{gauges}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_lists_more_than_a_page_of_keys_in_creation_order() {
+    let env = Env::new().await;
+    let mut made = Vec::new();
+    for chunk in 0..17 {
+        let batch = futures_util::future::join_all(
+            (0..59).map(|i| env.key(json!({"name": format!("c{chunk}-{i}"), "budget": 1}))),
+        )
+        .await;
+        made.extend(batch.into_iter().map(|(id, _)| id));
+    }
+    assert!(made.len() > 1000);
+    let env_ref = &env;
+    let (code, out, err) =
+        tokio::task::block_in_place(|| cli(env_ref, &["keys", "list", "--json"]));
+    assert_eq!(code, 0, "{err}");
+    let listed: Value = serde_json::from_str(out.trim()).unwrap();
+    let (_, direct) = env.admin(Method::GET, "/admin/keys", None).await;
+    assert_eq!(listed, direct);
+    assert_eq!(listed.as_array().unwrap().len(), made.len());
+}

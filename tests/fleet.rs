@@ -21,6 +21,23 @@ struct Fleet {
     b: Running,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
     http: reqwest::Client,
+    url: String,
+    schema: String,
+}
+
+async fn replica(
+    sim: &chuzhan_gate::upstream::sim::SimHandle,
+    url: &str,
+    schema: &str,
+    dir: &std::path::Path,
+    instance: &str,
+) -> Result<Running, server::StartError> {
+    let mut cfg = gate_config(dir, &sim.url(), "sim-token");
+    cfg.ledger.backend = BackendKind::Postgres;
+    cfg.ledger.url = Some(url.to_owned());
+    cfg.ledger.schema = Some(schema.to_owned());
+    cfg.ledger.instance = Some(instance.to_owned());
+    server::start(cfg).await
 }
 
 async fn fleet(sim_cfg: SimConfig) -> Option<Fleet> {
@@ -32,25 +49,21 @@ async fn fleet(sim_cfg: SimConfig) -> Option<Fleet> {
     };
     let schema = format!("fleet_{}_{:08x}", std::process::id(), rand::random::<u32>());
     let sim = start_sim(sim_cfg).await;
-    let start = |dir: &std::path::Path, instance: &str| {
-        let mut cfg = gate_config(dir, &sim.url(), "sim-token");
-        cfg.ledger.backend = BackendKind::Postgres;
-        cfg.ledger.url = Some(url.clone());
-        cfg.ledger.schema = Some(schema.clone());
-        cfg.ledger.instance = Some(instance.to_owned());
-        server::start(cfg)
-    };
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = start(da.path(), "replica-a")
+    let a = replica(&sim, &url, &schema, da.path(), "replica-a")
         .await
         .expect("gate A must open the PostgreSQL ledger at GATE_TEST_POSTGRES_URL");
-    let b = start(db.path(), "replica-b").await.expect("gate B");
+    let b = replica(&sim, &url, &schema, db.path(), "replica-b")
+        .await
+        .expect("gate B");
     Some(Fleet {
         sim,
         a,
         b,
         _dirs: (da, db),
         http: reqwest::Client::new(),
+        url,
+        schema,
     })
 }
 
@@ -250,4 +263,41 @@ async fn a_failed_task_seen_by_both_replicas_is_refunded_once() {
         .unwrap()
         .mismatches
         .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_later_knows_every_key_and_then_follows_changes() {
+    let Some(f) = fleet(SimConfig::default()).await else {
+        return;
+    };
+    // More than one page of keys (the cache loads 1,000 records at a time).
+    let mut made = Vec::new();
+    for chunk in 0..11 {
+        let batch = futures_util::future::join_all(
+            (0..100).map(|i| f.create_key(json!({"name": format!("k{chunk}-{i}"), "budget": 50}))),
+        )
+        .await;
+        made.extend(batch);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = replica(&f.sim, &f.url, &f.schema, dir.path(), "replica-c")
+        .await
+        .expect("gate C");
+    for (_, secret) in [&made[0], &made[999], &made[1099]] {
+        let v = f.post(&c, "/aiapi/v1/draw", secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+    }
+    // A change made on A after C started reaches C.
+    let (_, late) = f.create_key(json!({"name": "late", "budget": 50})).await;
+    let mut known = false;
+    for _ in 0..50 {
+        let v = f.post(&c, "/aiapi/v1/draw", &late, SEED_768).await;
+        if v["code"] == 0 {
+            known = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(known, "replica C never learned a key made after it started");
+    c.shutdown().await;
 }

@@ -182,6 +182,7 @@ conformance!(
     keeps_idempotency_records_scoped_to_the_key,
     answers_an_idempotency_key_left_in_flight_past_the_pending_ttl,
     stores_and_finds_key_records,
+    pages_through_key_records_in_id_order,
     verify_detects_a_tampered_account,
     budget_changes_are_recorded_transfers,
     admits_exactly_what_fits_under_64_concurrent_tasks,
@@ -189,6 +190,7 @@ conformance!(
     resolves_reservations_left_pending_by_a_stopped_instance,
     ping_and_close_work,
     replays_and_refunds_transfers_settled_long_ago,
+    forgets_settled_transfers_within_a_second_and_still_answers_for_them,
 );
 
 // ---------------------------------------------------------------------------
@@ -730,6 +732,41 @@ async fn stores_and_finds_key_records(fx: &Fx) {
     assert_eq!(l.keys().await.unwrap().len(), 2);
 }
 
+async fn pages_through_key_records_in_id_order(fx: &Fx) {
+    let l = fx.open(system()).await;
+    assert!(l.keys_page(None, 10).await.unwrap().is_empty());
+    let mut all = Vec::new();
+    // Stored out of order.
+    for i in [3u8, 0, 6, 1, 5, 2, 4] {
+        let r = record(
+            &format!("key_000000000000000{i}"),
+            &format!("{i:x}").repeat(64),
+            &format!("studio {i}"),
+        );
+        l.put_key(&r).await.unwrap();
+        all.push(r);
+    }
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = l.keys_page(after.as_ref(), 3).await.unwrap();
+        assert!(page.len() <= 3);
+        seen.extend(page.iter().cloned());
+        match page.last() {
+            Some(last) if page.len() == 3 => after = Some(last.id.clone()),
+            _ => break,
+        }
+    }
+    assert_eq!(seen, all);
+    assert_eq!(l.keys_page(None, 100).await.unwrap(), all);
+    assert_eq!(
+        l.keys_page(Some(&all[5].id), 100).await.unwrap(),
+        all[6..].to_vec()
+    );
+    assert!(l.keys_page(Some(&all[6].id), 100).await.unwrap().is_empty());
+}
+
 async fn verify_detects_a_tampered_account(fx: &Fx) {
     let l = fx.open(system()).await;
     let k = key("key_tamper");
@@ -908,6 +945,38 @@ async fn replays_and_refunds_transfers_settled_long_ago(fx: &Fx) {
     let v = l.void(&tid("old2")).await.unwrap();
     assert!(v.replay && v.points == Points(10), "{v:?}");
     l.reserve(&k, Points(10), &tid("old2")).await.unwrap();
+    let a = l.account(&k).await.unwrap();
+    assert_eq!((a.spent, a.reserved), (Points(0), Points(0)));
+    assert_clean(&l).await;
+}
+
+async fn forgets_settled_transfers_within_a_second_and_still_answers_for_them(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let l = fx.open(Arc::new(clock.clone())).await;
+    let k = key("key_forget");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(10), &tid("f1")).await.unwrap();
+    l.commit(&tid("f1"), Points(7)).await.unwrap();
+    l.reserve(&k, Points(10), &tid("f2")).await.unwrap();
+    // Pending reservations are never forgotten, however old.
+    clock.advance(Duration::seconds(1));
+    l.forget_settled().unwrap();
+    assert_eq!(l.pending_count().await.unwrap(), 1);
+    l.void(&tid("f2")).await.unwrap();
+    // A second later both settled chains are out of memory (embedded ledger);
+    // replays and a refund are answered from the file.
+    clock.advance(Duration::seconds(1));
+    l.forget_settled().unwrap();
+    let c = l.commit(&tid("f1"), Points(50)).await.unwrap();
+    assert!(c.replay && c.points == Points(7), "{c:?}");
+    let v = l.void(&tid("f2")).await.unwrap();
+    assert!(v.replay && v.points == Points(10), "{v:?}");
+    let r = l.reserve(&k, Points(10), &tid("f1")).await.unwrap();
+    assert_eq!(r.points, Points(10));
+    let f = l.refund(&tid("f1")).await.unwrap();
+    assert!(!f.replay && f.points == Points(7), "{f:?}");
     let a = l.account(&k).await.unwrap();
     assert_eq!((a.spent, a.reserved), (Points(0), Points(0)));
     assert_clean(&l).await;

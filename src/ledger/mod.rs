@@ -48,6 +48,7 @@ mod cli;
 mod idfilter;
 mod postgres;
 mod sqlite;
+mod sqlite_keys;
 
 pub use cli::verify_cmd;
 
@@ -351,7 +352,7 @@ pub struct Ledger {
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &*self.inner {
-            Backend::Sqlite(_) => "sqlite",
+            Backend::Sqlite(..) => "sqlite",
             Backend::Postgres(_) => "postgres",
         };
         f.debug_struct("Ledger").field("backend", &kind).finish()
@@ -362,14 +363,15 @@ impl std::fmt::Debug for Ledger {
 /// value per ledger, behind the handle's `Arc`, so the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 enum Backend {
-    Sqlite(sqlite::SqliteLedger),
+    /// The ledger, and its key records read page by page (see `sqlite_keys`).
+    Sqlite(sqlite::SqliteLedger, sqlite_keys::KeyPages),
     Postgres(postgres::PgLedger),
 }
 
 macro_rules! dispatch {
     ($self:ident, $b:ident => $e:expr) => {
         match &*$self.inner {
-            Backend::Sqlite($b) => $e,
+            Backend::Sqlite($b, _) => $e,
             Backend::Postgres($b) => $e,
         }
     };
@@ -382,7 +384,13 @@ impl Ledger {
     pub async fn open(cfg: &LedgerConfig, clock: SharedClock) -> Result<Ledger, LedgerError> {
         let backend = match cfg.backend {
             BackendKind::Sqlite => {
-                Backend::Sqlite(sqlite::SqliteLedger::open(cfg, clock.clone()).await?)
+                let ledger = sqlite::SqliteLedger::open(cfg, clock.clone()).await?;
+                let path = cfg
+                    .path
+                    .as_deref()
+                    .ok_or_else(|| LedgerError::Config("ledger.path is not set".into()))?;
+                // After `open`: the file and its `keys` table exist now.
+                Backend::Sqlite(ledger, sqlite_keys::KeyPages::open(path)?)
             }
             BackendKind::Postgres => {
                 Backend::Postgres(postgres::PgLedger::open(cfg, clock.clone()).await?)
@@ -467,6 +475,28 @@ impl Ledger {
         dispatch!(self, b => b.accounts().await)
     }
 
+    /// The accounts of `keys` that exist, ordered by key: what a page of keys or
+    /// the keys active since start need, without building every account's view.
+    pub async fn accounts_of(&self, keys: &[KeyId]) -> Result<Vec<AccountView>, LedgerError> {
+        let mut out = match &*self.inner {
+            Backend::Sqlite(b, _) => {
+                // In memory: one lookup per key.
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    match b.account(k).await {
+                        Ok(v) => out.push(v),
+                        Err(LedgerError::UnknownAccount(_)) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                out
+            }
+            Backend::Postgres(b) => b.accounts_of(keys).await?,
+        };
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     /// Reserves `points` on `key` under transfer id `id`, durably, if they fit.
     pub async fn reserve(
         &self,
@@ -497,6 +527,17 @@ impl Ledger {
     /// Resolves reservations pending longer than `pending_ttl_secs` by the policy.
     pub async fn expire_pending(&self) -> Result<Vec<Settled>, LedgerError> {
         dispatch!(self, b => b.expire_pending().await)
+    }
+
+    /// Lets go of the in-memory copies of settled transfer chains that the
+    /// embedded ledger keeps for quick replays (they stay in the file); nothing
+    /// to do for PostgreSQL. Cheap; the gate calls it several times a second, so
+    /// that the memory they take follows the request rate of the last second.
+    pub fn forget_settled(&self) -> Result<(), LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(b, _) => b.forget_settled(),
+            Backend::Postgres(_) => Ok(()),
+        }
     }
 
     /// How many reservations are pending.
@@ -565,12 +606,35 @@ impl Ledger {
         dispatch!(self, b => b.keys().await)
     }
 
+    /// Key records in id order: at most `limit` of those whose id comes after
+    /// `after` (from the first when `None`). Pages let the gate load and list
+    /// 100,000 keys without holding every record in memory at once.
+    pub async fn keys_page(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(_, pages) => pages.page(after, limit),
+            Backend::Postgres(b) => b.keys_page(after, limit).await,
+        }
+    }
+
     /// Keys changed since `cursor` (0 at first) and the cursor to pass next time:
     /// replicas poll this to pick up changes made on others without reloading
     /// every key. A change committed out of sequence order can be missed by one
     /// poll, so callers also reload everything now and then.
     pub async fn keys_since(&self, cursor: i64) -> Result<(Vec<KeyRecord>, i64), LedgerError> {
         dispatch!(self, b => b.keys_since(cursor).await)
+    }
+
+    /// The cursor to poll [`Ledger::keys_since`] from to see only changes made
+    /// from now on (0 for the embedded ledger, which nobody else changes).
+    pub async fn key_cursor(&self) -> Result<i64, LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(..) => Ok(0),
+            Backend::Postgres(b) => b.key_cursor().await,
+        }
     }
 
     /// Registers a task the gate charged (first write wins; a replay is a no-op).

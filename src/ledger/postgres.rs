@@ -549,6 +549,29 @@ impl PgLedger {
             .collect()
     }
 
+    pub(super) async fn accounts_of(
+        &self,
+        keys: &[KeyId],
+    ) -> Result<Vec<AccountView>, LedgerError> {
+        let now = now_ms(&self.clock);
+        let client = self.client().await?;
+        let ids: Vec<&str> = keys.iter().map(KeyId::as_str).collect();
+        let rows = client
+            .query(
+                "SELECT key, budget, spent, reserved, period, window_ms FROM accounts \
+                 WHERE key = ANY($1) ORDER BY key",
+                &[&ids],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let key = KeyId(r.try_get("key").map_err(pg)?);
+                Ok(account_state(r)?.view(&key, now, self.tz))
+            })
+            .collect()
+    }
+
     pub(super) async fn reserve(
         &self,
         key: &KeyId,
@@ -1023,6 +1046,15 @@ impl PgLedger {
 
     /// Keys changed after `cursor` (a value of the change sequence), and the new
     /// cursor.
+    pub(super) async fn key_cursor(&self) -> Result<i64, LedgerError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT COALESCE(max(change_seq), 0) FROM keys", &[])
+            .await
+            .map_err(pg)?;
+        row.try_get(0).map_err(pg)
+    }
+
     pub(super) async fn keys_since(
         &self,
         cursor: i64,
@@ -1055,6 +1087,32 @@ impl PgLedger {
             .map(|r| {
                 let json: String = r.try_get(0).map_err(pg)?;
                 super::sqlite::parse_key(&json)
+            })
+            .collect()
+    }
+}
+
+impl PgLedger {
+    pub(super) async fn keys_page(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
+        let client = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Every id sorts after '' (ids are never empty).
+        let after = after.map_or("", |k| k.as_str());
+        let rows = client
+            .query(
+                "SELECT record FROM keys WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &limit],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter()
+            .map(|r| {
+                let json: &str = r.try_get(0).map_err(pg)?;
+                super::sqlite::parse_key(json)
             })
             .collect()
     }
