@@ -538,12 +538,26 @@ async fn list_keys(gate: &Gate, query: &str) -> Answer {
             .map_err(internal)?;
         let more = recs.len() > limit;
         recs.truncate(limit);
-        let list = key_views(gate, &recs).await?;
         let next = recs.last().filter(|_| more).map(|r| r.id.clone());
-        Ok::<_, Answer>(json_answer(
-            StatusCode::OK,
-            &json!({"keys": list, "next": next}),
-        ))
+        // Written view by view (a serde_json Value per key would cost several
+        // times the answer): {"keys": [...], "next": ...}.
+        let views = key_views(gate, &recs).await?;
+        let mut body = Vec::with_capacity(views.iter().map(|v| v.len() + 1).sum::<usize>() + 64);
+        body.extend_from_slice(b"{\"keys\":[");
+        for (i, v) in views.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(v);
+        }
+        body.extend_from_slice(b"],\"next\":");
+        serde_json::to_writer(&mut body, &next).map_err(internal)?;
+        body.push(b'}');
+        Ok::<_, Answer>(Answer {
+            status: StatusCode::OK,
+            ctype: "application/json",
+            body,
+        })
     };
     r.await.unwrap_or_else(|a| a)
 }
@@ -568,7 +582,7 @@ async fn list_all_keys(gate: &Gate) -> Result<Answer, Answer> {
             let id = ids.len()..ids.len() + rec.id.as_str().len();
             ids.push_str(rec.id.as_str());
             let start = views.len();
-            serde_json::to_writer(&mut views, &view).map_err(internal)?;
+            views.extend_from_slice(&view);
             order.push((rec.created_at, id, start..views.len()));
         }
         match recs.last() {
@@ -596,16 +610,15 @@ async fn list_all_keys(gate: &Gate) -> Result<Answer, Answer> {
     })
 }
 
-/// The public views of `recs`, in the same order, with their accounts.
-async fn key_views(gate: &Gate, recs: &[KeyRecord]) -> Result<Vec<Value>, Answer> {
+/// The public views of `recs` as JSON, in the same order, with their accounts.
+async fn key_views(gate: &Gate, recs: &[KeyRecord]) -> Result<Vec<Vec<u8>>, Answer> {
     let ids: Vec<KeyId> = recs.iter().map(|r| r.id.clone()).collect();
     let accts = gate.ledger.accounts_of(&ids).await.map_err(internal)?;
     let by_key: std::collections::HashMap<&KeyId, &AccountView> =
         accts.iter().map(|a| (&a.key, a)).collect();
-    Ok(recs
-        .iter()
-        .map(|r| key_view(r, by_key.get(&r.id).copied()))
-        .collect())
+    recs.iter()
+        .map(|r| serde_json::to_vec(&key_view(r, by_key.get(&r.id).copied())).map_err(internal))
+        .collect()
 }
 
 async fn show_key(gate: &Gate, id: &str) -> Answer {
