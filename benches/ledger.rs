@@ -54,7 +54,7 @@ async fn run(
         handles.push(tokio::spawn(async move {
             for _ in 0..per_task {
                 let id = if random {
-                    TransferId(format!("{:032x}", rand::random::<u128>()))
+                    TransferId(format!("r{:031x}", rand::random::<u128>() >> 4))
                 } else {
                     TransferId::fresh()
                 };

@@ -69,7 +69,9 @@ impl TransferId {
     /// replicas). Ids that grow with time keep the ledger's id-keyed B-trees
     /// appending at their right edge, so a batch of new chains dirties a few
     /// pages instead of one page per chain (random ids cost the embedded ledger
-    /// more than half its throughput; see docs/benchmarks.md, Ledger).
+    /// more than half its throughput; see docs/benchmarks.md, Ledger). The
+    /// embedded ledger recognises this exact shape (`ledger::idfilter`), so
+    /// keep the two in step.
     pub fn fresh() -> TransferId {
         use rand::RngCore;
         let ms = std::time::SystemTime::now()

@@ -190,6 +190,7 @@ conformance!(
     resolves_reservations_left_pending_by_a_stopped_instance,
     ping_and_close_work,
     replays_and_refunds_transfers_settled_long_ago,
+    replays_and_refunds_gate_ids_settled_long_ago,
     forgets_settled_transfers_within_a_second_and_still_answers_for_them,
 );
 
@@ -911,40 +912,51 @@ async fn resolves_reservations_left_pending_by_a_stopped_instance(fx: &Fx) {
 }
 
 async fn replays_and_refunds_transfers_settled_long_ago(fx: &Fx) {
+    replays_and_refunds_long_ago(fx, [tid("old1"), tid("old2")]).await;
+}
+
+/// The same with ids made as the gate makes them, which the embedded ledger
+/// tracks by their time prefix rather than in its Bloom filter.
+async fn replays_and_refunds_gate_ids_settled_long_ago(fx: &Fx) {
+    replays_and_refunds_long_ago(fx, [TransferId::fresh(), TransferId::fresh()]).await;
+}
+
+async fn replays_and_refunds_long_ago(fx: &Fx, ids: [TransferId; 2]) {
+    let [old1, old2] = ids;
     let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
     let l = fx.open(Arc::new(clock.clone())).await;
     let k = key("key_old");
     l.open_account(&k, Points(100), Period::None, "admin", "")
         .await
         .unwrap();
-    l.reserve(&k, Points(10), &tid("old1")).await.unwrap();
-    l.commit(&tid("old1"), Points(8)).await.unwrap();
-    l.reserve(&k, Points(10), &tid("old2")).await.unwrap();
-    l.void(&tid("old2")).await.unwrap();
+    l.reserve(&k, Points(10), &old1).await.unwrap();
+    l.commit(&old1, Points(8)).await.unwrap();
+    l.reserve(&k, Points(10), &old2).await.unwrap();
+    l.void(&old2).await.unwrap();
     // Hours later the housekeeping in expire_pending has forgotten them in memory
     // (embedded ledger); the file still answers.
     clock.advance(Duration::hours(3));
     assert!(l.expire_pending().await.unwrap().is_empty());
-    let r = l.reserve(&k, Points(10), &tid("old1")).await.unwrap();
+    let r = l.reserve(&k, Points(10), &old1).await.unwrap();
     assert_eq!(r.points, Points(10));
     assert_eq!(l.account(&k).await.unwrap().reserved, Points(0));
-    let c = l.commit(&tid("old1"), Points(50)).await.unwrap();
+    let c = l.commit(&old1, Points(50)).await.unwrap();
     assert!(c.replay && c.points == Points(8), "{c:?}");
     assert!(matches!(
-        l.commit(&tid("old2"), Points(1)).await,
+        l.commit(&old2, Points(1)).await,
         Err(LedgerError::Conflict(_))
     ));
-    let f = l.refund(&tid("old1")).await.unwrap();
+    let f = l.refund(&old1).await.unwrap();
     assert!(!f.replay && f.points == Points(8), "{f:?}");
     assert_eq!(l.account(&k).await.unwrap().spent, Points(0));
     // And after a restart.
     drop(l);
     let l = fx.open(Arc::new(clock.clone())).await;
-    let f = l.refund(&tid("old1")).await.unwrap();
+    let f = l.refund(&old1).await.unwrap();
     assert!(f.replay && f.points == Points(8), "{f:?}");
-    let v = l.void(&tid("old2")).await.unwrap();
+    let v = l.void(&old2).await.unwrap();
     assert!(v.replay && v.points == Points(10), "{v:?}");
-    l.reserve(&k, Points(10), &tid("old2")).await.unwrap();
+    l.reserve(&k, Points(10), &old2).await.unwrap();
     let a = l.account(&k).await.unwrap();
     assert_eq!((a.spent, a.reserved), (Points(0), Points(0)));
     assert_clean(&l).await;

@@ -5,6 +5,14 @@
 //! A "maybe" answer sends the caller to the file; a "no" is certain. Bits are
 //! atomics so lookups never take a lock; insertions happen under the ledger's
 //! load lock, before the id leaves memory.
+//!
+//! Ids in the gate's own format (`TransferId::fresh`: 32 lowercase hex digits
+//! starting with the time in ms) take no bits at all: the filter keeps only the
+//! newest time prefix among them (`floor`). Such an id newer than the floor was
+//! never written to the file by anything but a chain still in memory, so a
+//! fresh reservation needs no disk read, and the filter stops growing with the
+//! ledger's history (it took 16 bits per chain ever written). An older id in
+//! that format, e.g. a replay after its chain left memory, is looked up on disk.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,8 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Hash functions per id: about 1% false positives at 10 bits per id, far
 /// fewer at the 16+ bits per id the ledger keeps.
 const K: u64 = 7;
-/// The smallest filter: 2^24 bits = 2 MiB.
-const MIN_BITS: u64 = 1 << 24;
+/// The smallest filter: 2^20 bits = 128 KiB (it grows when crowded).
+const MIN_BITS: u64 = 1 << 20;
 /// Bits per id to aim for when sizing.
 pub(super) const BITS_PER_ID: u64 = 16;
 
@@ -21,6 +29,19 @@ pub(super) struct IdFilter {
     words: Vec<AtomicU64>,
     mask: u64,
     count: AtomicU64,
+    /// The newest time prefix of any id in the gate's format inserted so far.
+    floor: AtomicU64,
+}
+
+/// The time prefix of an id in the gate's format, or `None` for any other id.
+/// The format does not depend on the time of the call, so an id is always
+/// handled the same way (bits or floor).
+pub(super) fn time_prefix(id: &str) -> Option<u64> {
+    let b = id.as_bytes();
+    if b.len() != 32 || b[0] != b'0' || !b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u64::from_str_radix(&id[..12], 16).ok()
 }
 
 fn hashes(id: &str) -> (u64, u64) {
@@ -46,10 +67,15 @@ impl IdFilter {
             words: (0..words).map(|_| AtomicU64::new(0)).collect(),
             mask: bits - 1,
             count: AtomicU64::new(0),
+            floor: AtomicU64::new(0),
         }
     }
 
     pub(super) fn insert(&self, id: &str) {
+        if let Some(t) = time_prefix(id) {
+            self.floor.fetch_max(t, Ordering::AcqRel);
+            return;
+        }
         let (h1, h2) = hashes(id);
         for i in 0..K {
             let bit = h1.wrapping_add(i.wrapping_mul(h2)) & self.mask;
@@ -60,6 +86,9 @@ impl IdFilter {
 
     /// False only if `id` was never inserted.
     pub(super) fn may_contain(&self, id: &str) -> bool {
+        if let Some(t) = time_prefix(id) {
+            return t <= self.floor.load(Ordering::Acquire);
+        }
         let (h1, h2) = hashes(id);
         (0..K).all(|i| {
             let bit = h1.wrapping_add(i.wrapping_mul(h2)) & self.mask;
@@ -75,6 +104,7 @@ impl IdFilter {
             > self.mask
     }
 
+    /// Ids that took bits (those not in the gate's format).
     pub(super) fn len(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
@@ -96,5 +126,41 @@ mod tests {
             .count();
         assert!(false_positives < 100, "{false_positives} false positives");
         assert!(!f.is_crowded());
+    }
+
+    #[test]
+    fn gate_ids_take_no_bits_and_only_older_ones_may_be_on_disk() {
+        let f = IdFilter::with_capacity(0);
+        let id = |ms: u64, rest: &str| format!("{ms:012x}{rest}");
+        let a = id(1_800_000_000_000, "0123456789abcdef0123");
+        let b = id(1_800_000_000_500, "ffffffffffffffffffff");
+        assert_eq!(time_prefix(&a), Some(1_800_000_000_000));
+        assert!(!f.may_contain(&a));
+        f.insert(&b);
+        assert_eq!(f.len(), 0, "no bits for an id in the gate's format");
+        // Everything up to the newest inserted time may be on disk ...
+        assert!(f.may_contain(&a));
+        assert!(f.may_contain(&b));
+        // ... and nothing newer can be.
+        assert!(!f.may_contain(&id(1_800_000_000_501, "00000000000000000000")));
+        // Other shapes are not the gate's format: they use the bits.
+        for other in [
+            "req-1".to_string(),
+            id(1_800_000_000_000, "0123456789ABCDEF0123"),
+            format!("{}0", id(1_800_000_000_000, "0123456789abcdef0123")),
+            format!("1{}", &id(1_800_000_000_000, "0123456789abcdef0123")[1..]),
+        ] {
+            assert_eq!(time_prefix(&other), None, "{other}");
+            assert!(!f.may_contain(&other));
+            f.insert(&other);
+            assert!(f.may_contain(&other));
+        }
+        assert_eq!(f.len(), 4);
+    }
+
+    #[test]
+    fn fresh_transfer_ids_are_in_the_gate_format() {
+        let id = crate::points::TransferId::fresh();
+        assert!(time_prefix(id.as_str()).is_some(), "{id}");
     }
 }

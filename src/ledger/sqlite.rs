@@ -390,14 +390,24 @@ fn load_pending(conn: &Connection) -> rusqlite::Result<Vec<PendingRow>> {
 }
 
 /// A filter of every chain id in the file (pending ones are in memory too,
-/// which does no harm), sized with room to grow.
+/// which does no harm), sized with room to grow. Ids in the gate's own format
+/// only move the filter's time floor, so its size follows the other ids alone.
 fn load_id_filter(conn: &Connection) -> rusqlite::Result<IdFilter> {
-    let count: i64 = conn.query_row("SELECT count(*) FROM chains", [], |r| r.get(0))?;
-    let filter = IdFilter::with_capacity(to_u64(count).saturating_mul(4));
+    let mut others = Vec::new();
+    let mut floor = None;
     let mut stmt = conn.prepare("SELECT id FROM chains")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
-        filter.insert(row.get_ref(0)?.as_str()?);
+        let id = row.get_ref(0)?.as_str()?;
+        if super::idfilter::time_prefix(id).is_some() {
+            floor = std::cmp::max(floor, Some(id.to_owned()));
+        } else {
+            others.push(id.to_owned());
+        }
+    }
+    let filter = IdFilter::with_capacity((others.len() as u64).saturating_mul(4));
+    for id in others.iter().chain(floor.iter()) {
+        filter.insert(id);
     }
     tracing::debug!(ids = filter.len(), "ledger id filter loaded");
     Ok(filter)
