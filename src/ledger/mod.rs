@@ -48,7 +48,6 @@ mod cli;
 mod idfilter;
 mod postgres;
 mod sqlite;
-mod sqlite_keys;
 
 pub use cli::verify_cmd;
 
@@ -352,7 +351,7 @@ pub struct Ledger {
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &*self.inner {
-            Backend::Sqlite(..) => "sqlite",
+            Backend::Sqlite(_) => "sqlite",
             Backend::Postgres(_) => "postgres",
         };
         f.debug_struct("Ledger").field("backend", &kind).finish()
@@ -363,15 +362,14 @@ impl std::fmt::Debug for Ledger {
 /// value per ledger, behind the handle's `Arc`, so the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 enum Backend {
-    /// The ledger, and its key records read page by page (see `sqlite_keys`).
-    Sqlite(sqlite::SqliteLedger, sqlite_keys::KeyPages),
+    Sqlite(sqlite::SqliteLedger),
     Postgres(postgres::PgLedger),
 }
 
 macro_rules! dispatch {
     ($self:ident, $b:ident => $e:expr) => {
         match &*$self.inner {
-            Backend::Sqlite($b, _) => $e,
+            Backend::Sqlite($b) => $e,
             Backend::Postgres($b) => $e,
         }
     };
@@ -384,13 +382,7 @@ impl Ledger {
     pub async fn open(cfg: &LedgerConfig, clock: SharedClock) -> Result<Ledger, LedgerError> {
         let backend = match cfg.backend {
             BackendKind::Sqlite => {
-                let ledger = sqlite::SqliteLedger::open(cfg, clock.clone()).await?;
-                let path = cfg
-                    .path
-                    .as_deref()
-                    .ok_or_else(|| LedgerError::Config("ledger.path is not set".into()))?;
-                // After `open`: the file and its `keys` table exist now.
-                Backend::Sqlite(ledger, sqlite_keys::KeyPages::open(path)?)
+                Backend::Sqlite(sqlite::SqliteLedger::open(cfg, clock.clone()).await?)
             }
             BackendKind::Postgres => {
                 Backend::Postgres(postgres::PgLedger::open(cfg, clock.clone()).await?)
@@ -478,21 +470,8 @@ impl Ledger {
     /// The accounts of `keys` that exist, ordered by key: what a page of keys or
     /// the keys active since start need, without building every account's view.
     pub async fn accounts_of(&self, keys: &[KeyId]) -> Result<Vec<AccountView>, LedgerError> {
-        let mut out = match &*self.inner {
-            Backend::Sqlite(b, _) => {
-                // In memory: one lookup per key.
-                let mut out = Vec::with_capacity(keys.len());
-                for k in keys {
-                    match b.account(k).await {
-                        Ok(v) => out.push(v),
-                        Err(LedgerError::UnknownAccount(_)) => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                out
-            }
-            Backend::Postgres(b) => b.accounts_of(keys).await?,
-        };
+        let mut out = dispatch!(self, b => b.accounts_of(keys).await)?;
+        // In Rust's order, not the database collation's.
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
@@ -535,7 +514,7 @@ impl Ledger {
     /// that the memory they take follows the request rate of the last second.
     pub fn forget_settled(&self) -> Result<(), LedgerError> {
         match &*self.inner {
-            Backend::Sqlite(b, _) => b.forget_settled(),
+            Backend::Sqlite(b) => b.forget_settled(),
             Backend::Postgres(_) => Ok(()),
         }
     }
@@ -614,10 +593,7 @@ impl Ledger {
         after: Option<&KeyId>,
         limit: usize,
     ) -> Result<Vec<KeyRecord>, LedgerError> {
-        match &*self.inner {
-            Backend::Sqlite(_, pages) => pages.page(after, limit),
-            Backend::Postgres(b) => b.keys_page(after, limit).await,
-        }
+        dispatch!(self, b => b.keys_page(after, limit).await)
     }
 
     /// Keys changed since `cursor` (0 at first) and the cursor to pass next time:
@@ -632,7 +608,7 @@ impl Ledger {
     /// from now on (0 for the embedded ledger, which nobody else changes).
     pub async fn key_cursor(&self) -> Result<i64, LedgerError> {
         match &*self.inner {
-            Backend::Sqlite(..) => Ok(0),
+            Backend::Sqlite(_) => Ok(0),
             Backend::Postgres(b) => b.key_cursor().await,
         }
     }

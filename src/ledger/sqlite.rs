@@ -50,6 +50,9 @@ const CHAIN_RETENTION_MS: i64 = 250;
 /// The chain map's table is shrunk back once a burst has passed and it is at
 /// least this large and mostly empty.
 const CHAIN_SHRINK_ABOVE: usize = 16_384;
+/// Page cache of the connection that pages through key records, in KiB: scans
+/// pass through once, so a small cache does as well as a large one.
+const KEY_READER_CACHE_KIB: i64 = 256;
 /// How often the writer copies the WAL into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// How long a replay waits for the first call's write to become durable.
@@ -291,6 +294,8 @@ pub(super) struct SqliteLedger {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     fail: Arc<FailStop>,
     readers: Arc<Readers>,
+    /// For `keys_page`; a plain mutex, as a page is one short query.
+    key_reader: Mutex<Connection>,
     clock: SharedClock,
     tz: chrono_tz::Tz,
     policy: PendingPolicy,
@@ -400,7 +405,9 @@ fn load_id_filter(conn: &Connection) -> rusqlite::Result<IdFilter> {
     while let Some(row) = rows.next()? {
         let id = row.get_ref(0)?.as_str()?;
         if super::idfilter::time_prefix(id).is_some() {
-            floor = std::cmp::max(floor, Some(id.to_owned()));
+            if floor.as_deref().is_none_or(|f: &str| id > f) {
+                floor = Some(id.to_owned());
+            }
         } else {
             others.push(id.to_owned());
         }
@@ -837,18 +844,28 @@ impl SqliteLedger {
                 r.pragma_update(None, "query_only", "ON").map_err(storage)?;
                 readers.push(Mutex::new(r));
             }
+            // Key pages are read on a connection of their own with a small
+            // cache: a scan of 100,000 records must neither fill the request
+            // readers' caches nor hold one of them for long.
+            let key_reader = open_conn(&path)?;
+            key_reader
+                .pragma_update(None, "query_only", "ON")
+                .map_err(storage)?;
+            key_reader
+                .pragma_update(None, "cache_size", -KEY_READER_CACHE_KIB)
+                .map_err(storage)?;
             Ok((
                 writer,
                 accounts,
                 pending_full,
-                readers,
+                (readers, key_reader),
                 on_disk,
                 writer_lock,
             ))
         })
         .await
         .map_err(storage)??;
-        let (writer_conn, accounts, pending, readers, on_disk, writer_lock) = open;
+        let (writer_conn, accounts, pending, (readers, key_reader), on_disk, writer_lock) = open;
 
         let chains = Arc::new(DashMap::new());
         let fail = Arc::new(FailStop::default());
@@ -877,6 +894,7 @@ impl SqliteLedger {
                 conns: readers,
                 next: AtomicUsize::new(0),
             }),
+            key_reader: Mutex::new(key_reader),
             clock,
             tz,
             policy: cfg.pending_policy,
@@ -1132,6 +1150,22 @@ impl SqliteLedger {
             .get(key)
             .map(|a| a.view(key, now, self.tz))
             .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))
+    }
+
+    /// The accounts of `keys` that exist (from memory).
+    pub(super) async fn accounts_of(
+        &self,
+        keys: &[KeyId],
+    ) -> Result<Vec<AccountView>, LedgerError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            match self.account(k).await {
+                Ok(v) => out.push(v),
+                Err(LedgerError::UnknownAccount(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     pub(super) async fn accounts(&self) -> Result<Vec<AccountView>, LedgerError> {
@@ -1696,6 +1730,33 @@ impl SqliteLedger {
             rows.collect()
         })?;
         all.iter().map(|j| parse_key(j)).collect()
+    }
+
+    /// At most `limit` key records in id order, after `after` (from the first
+    /// when `None`): one short query, so loading or listing 100,000 keys never
+    /// holds every record in memory at once.
+    pub(super) async fn keys_page(
+        &self,
+        after: Option<&KeyId>,
+        limit: usize,
+    ) -> Result<Vec<KeyRecord>, LedgerError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Every id sorts after '' (ids are never empty).
+        let after = after.map_or("", |k| k.as_str());
+        let page: Vec<String> = {
+            let c = self
+                .key_reader
+                .lock()
+                .map_err(|_| LedgerError::Storage("key reader connection poisoned".into()))?;
+            let mut stmt = c
+                .prepare_cached("SELECT record FROM keys WHERE id > ?1 ORDER BY id LIMIT ?2")
+                .map_err(storage)?;
+            let rows = stmt
+                .query_map(params![after, limit], |r| r.get(0))
+                .map_err(storage)?;
+            rows.collect::<rusqlite::Result<_>>().map_err(storage)?
+        };
+        page.iter().map(|j| parse_key(j)).collect()
     }
 }
 
