@@ -110,16 +110,7 @@ impl ActiveKey {
 
 impl From<&KeyRecord> for ActiveKey {
     fn from(r: &KeyRecord) -> ActiveKey {
-        ActiveKey {
-            id: r.id.clone(),
-            name: Text::new(&r.name),
-            rate_milli: r.rate_milli,
-            concurrency: r.concurrency,
-            rps: r.rps,
-            burst: r.burst,
-            disabled: r.disabled,
-            expires_at: r.expires_at,
-        }
+        Entry::new(r, [0; 32], 0).active()
     }
 }
 
@@ -255,6 +246,19 @@ fn digest_hash(d: &[u8; 32]) -> u64 {
     u64::from_le_bytes(first)
 }
 
+/// Points a table's slot for position `from` (found under `hash`) at `to`, or
+/// drops it.
+fn move_slot(table: &mut hashbrown::HashTable<u32>, hash: u64, from: usize, to: Option<usize>) {
+    if let Ok(slot) = table.find_entry(hash, |&i| i as usize == from) {
+        match to {
+            Some(to) => *slot.into_mut() = to as u32,
+            None => {
+                slot.remove();
+            }
+        }
+    }
+}
+
 impl Index {
     fn id_hash(&self, id: &str) -> u64 {
         use std::hash::BuildHasher;
@@ -280,28 +284,11 @@ impl Index {
 
     /// Points the digest table's slot for position `from` at `to` (or drops it).
     fn move_digest_slot(&mut self, digest: &[u8; 32], from: usize, to: Option<usize>) {
-        if let Ok(slot) = self
-            .by_digest
-            .find_entry(digest_hash(digest), |&i| i as usize == from)
-        {
-            match to {
-                Some(to) => *slot.into_mut() = to as u32,
-                None => {
-                    slot.remove();
-                }
-            }
-        }
+        move_slot(&mut self.by_digest, digest_hash(digest), from, to);
     }
 
     fn move_id_slot(&mut self, id_hash: u64, from: usize, to: Option<usize>) {
-        if let Ok(slot) = self.by_id.find_entry(id_hash, |&i| i as usize == from) {
-            match to {
-                Some(to) => *slot.into_mut() = to as u32,
-                None => {
-                    slot.remove();
-                }
-            }
-        }
+        move_slot(&mut self.by_id, id_hash, from, to);
     }
 
     fn insert_digest_slot(&mut self, digest: &[u8; 32], at: usize) {
