@@ -542,15 +542,9 @@ async fn list_keys(gate: &Gate, query: &str) -> Answer {
         // Written view by view (a serde_json Value per key would cost several
         // times the answer): {"keys": [...], "next": ...}.
         let views = key_views(gate, &recs).await?;
-        let mut body = Vec::with_capacity(views.iter().map(|v| v.len() + 1).sum::<usize>() + 64);
-        body.extend_from_slice(b"{\"keys\":[");
-        for (i, v) in views.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(v);
-        }
-        body.extend_from_slice(b"],\"next\":");
+        let mut body = b"{\"keys\":".to_vec();
+        push_json_array(&mut body, views.iter().map(Vec::as_slice));
+        body.extend_from_slice(b",\"next\":");
         serde_json::to_writer(&mut body, &next).map_err(internal)?;
         body.push(b'}');
         Ok::<_, Answer>(Answer {
@@ -595,19 +589,24 @@ async fn list_all_keys(gate: &Gate) -> Result<Answer, Answer> {
             .then_with(|| ids[a.1.clone()].cmp(&ids[b.1.clone()]))
     });
     let mut body = Vec::with_capacity(views.len() + order.len() + 2);
-    body.push(b'[');
-    for (i, (_, _, view)) in order.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(&views[view.clone()]);
-    }
-    body.push(b']');
+    push_json_array(&mut body, order.iter().map(|(_, _, v)| &views[v.clone()]));
     Ok(Answer {
         status: StatusCode::OK,
         ctype: "application/json",
         body,
     })
+}
+
+/// Appends `[a,b,...]` made of already serialized JSON values.
+fn push_json_array<'a>(body: &mut Vec<u8>, items: impl Iterator<Item = &'a [u8]>) {
+    body.push(b'[');
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(item);
+    }
+    body.push(b']');
 }
 
 /// The public views of `recs` as JSON, in the same order, with their accounts.
