@@ -672,6 +672,47 @@ async fn an_idle_writer_brings_the_head_up_to_date() {
     writer.shutdown().await;
 }
 
+/// Records reach the file at once, but their `fdatasync` waits up to
+/// `sync_every_ms`, and `head.json` only ever names a synced record: with a long
+/// window the head stays behind the written log until a flush syncs it.
+#[tokio::test]
+async fn records_are_written_at_once_and_synced_within_sync_every() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(start());
+    let cfg = AuditConfig {
+        sync_every_ms: 60_000,
+        ..cfg(tmp.path())
+    };
+    let (audit, writer) = open(&cfg, &clock).await;
+    let head_seq = || -> Option<u64> {
+        let bytes = std::fs::read(tmp.path().join("head.json")).ok()?;
+        serde_json::from_slice::<Value>(&bytes).ok()?["seq"].as_u64()
+    };
+    // The first record finds the log synced long ago: it is synced at once.
+    write_n(&audit, 0, 1).await;
+    audit.flush().await.expect("flush");
+    assert_eq!(head_seq(), Some(1));
+    write_n(&audit, 1, 20).await;
+    let written = |n: usize| files(tmp.path()).iter().flat_map(|f| lines(f)).count() >= n;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !written(21) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records not written within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Written, idle for longer than the head's 100 ms, yet not synced: the head
+    // must not name them.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(head_seq(), Some(1), "head.json named an unsynced record");
+    audit.flush().await.expect("flush");
+    assert_eq!(head_seq(), Some(21));
+    writer.shutdown().await;
+    let report = verify(tmp.path()).unwrap();
+    assert_eq!(report.first_break, None, "{report}");
+}
+
 #[tokio::test]
 async fn records_are_single_complete_compact_lines() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -25,6 +25,10 @@ const RETRIES_WHEN_STOPPING: u32 = 3;
 /// is rewritten at most this often, on every flush, at shutdown, and once the
 /// writer has been idle this long.
 const HEAD_EVERY: Duration = Duration::from_millis(100);
+/// The writer takes a batch at most this often (unless a flush asked for the last
+/// one, or `sync_every` is 0). Records wait in the queue meanwhile; at this pace
+/// the writer still takes up to `MAX_BATCH` records per batch, 2 million a second.
+const BATCH_EVERY: Duration = Duration::from_millis(2);
 
 /// What the writer needs from the config.
 pub(super) struct Settings {
@@ -32,6 +36,8 @@ pub(super) struct Settings {
     pub max_file_bytes: u64,
     pub rotate_daily: bool,
     pub log_prompts: bool,
+    /// Longest a written record waits for its `fdatasync` (see `AuditConfig`).
+    pub sync_every: Duration,
 }
 
 /// The file being appended to.
@@ -60,6 +66,8 @@ pub(super) struct Writer {
     pending_written: usize,
     /// Bytes written since the last fdatasync.
     unsynced: bool,
+    /// When the log was last synced.
+    synced_at: Option<Instant>,
     /// Last record in `pending` or the file, for the head file.
     last: Option<(u64, String)>,
     head_written: Option<u64>,
@@ -91,6 +99,7 @@ impl Writer {
             pending: Vec::new(),
             pending_written: 0,
             unsynced: false,
+            synced_at: None,
             last: None,
             head_written: None,
             head_at: None,
@@ -180,12 +189,12 @@ impl Writer {
             .enable_time()
             .build();
         loop {
-            let first = match (&timer, self.head_lag()) {
+            let first = match (&timer, self.idle_wait()) {
                 (Ok(rt), Some(wait)) => {
                     match rt.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
                         Ok(msg) => msg,
                         Err(_idle) => {
-                            self.retry(&mut flushers, stop, Writer::write_head);
+                            self.retry(&mut flushers, stop, |w| w.commit(false));
                             continue;
                         }
                     }
@@ -195,6 +204,7 @@ impl Writer {
             let Some(first) = first else {
                 break;
             };
+            let batch_started = Instant::now();
             self.take(first, &mut flushers, stop);
             for _ in 1..MAX_BATCH {
                 match rx.try_recv() {
@@ -209,6 +219,13 @@ impl Writer {
                 break;
             }
             answer(&mut flushers, Ok(()));
+            // Let the next batch gather: a writer woken for every record or two
+            // costs the request path more in wake-ups than the records cost.
+            if !force_head && self.s.sync_every > Duration::ZERO {
+                if let Some(rest) = BATCH_EVERY.checked_sub(batch_started.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
             if stop.load(Ordering::SeqCst) {
                 // Refuse new records; drain what is already queued.
                 rx.close();
@@ -414,26 +431,46 @@ impl Writer {
                 a.file.sync_data()?;
             }
             self.unsynced = false;
+            self.synced_at = Some(Instant::now());
         }
         Ok(())
     }
 
-    /// End of a batch: everything encoded is written and synced; the head moves
-    /// when `force` or when it was last moved `HEAD_EVERY` ago.
+    /// End of a batch: everything encoded is written; it is synced when `force`
+    /// or when the last sync is `sync_every` old (under load one `fdatasync` then
+    /// covers many batches, and the disk is left to the ledger, whose writes
+    /// callers wait for). The head moves when `force` or when it was last moved
+    /// `HEAD_EVERY` ago, and only ever to a synced record.
     fn commit(&mut self, force: bool) -> std::io::Result<()> {
         self.write_pending()?;
-        self.sync()?;
-        if force || self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY) {
+        if force || self.sync_lag().is_some_and(|d| d.is_zero()) {
+            self.sync()?;
+        }
+        if !self.unsynced && (force || self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY)) {
             self.write_head()?;
         }
         Ok(())
     }
 
-    /// How long to wait for more records before bringing a lagging head up to
-    /// date; `None` when the head names the last synced record.
-    fn head_lag(&self) -> Option<Duration> {
+    /// How long written records may still wait for their sync; `None` when
+    /// everything written is synced.
+    fn sync_lag(&self) -> Option<Duration> {
+        if !self.unsynced {
+            return None;
+        }
+        let since = self.synced_at.map_or(self.s.sync_every, |at| at.elapsed());
+        Some(self.s.sync_every.saturating_sub(since))
+    }
+
+    /// How long to wait for more records before the writer must act on its own:
+    /// sync records whose window is up, or bring a lagging head up to date.
+    /// `None` when everything is synced and the head names the last record.
+    fn idle_wait(&self) -> Option<Duration> {
+        if let Some(wait) = self.sync_lag() {
+            return Some(wait);
+        }
         let (seq, _) = self.last.as_ref()?;
-        if self.head_written == Some(*seq) || self.unsynced || self.pending_written > 0 {
+        if self.head_written == Some(*seq) || self.pending_written > 0 {
             return None;
         }
         let since = self.head_at.map_or(HEAD_EVERY, |at| at.elapsed());
