@@ -239,7 +239,8 @@ impl AuditError {
 
 /// What travels from the handles to the writer thread.
 enum Msg {
-    Record(Map<String, Value>),
+    /// A record's own fields, scrubbed and serialized (see [`writer::encode_fields`]).
+    Record(Vec<u8>),
     /// Answered once everything before it is written and synced.
     Flush(oneshot::Sender<Result<(), AuditError>>),
     /// Sent by [`AuditWriter`] to wake the thread so it notices the stop flag.
@@ -294,7 +295,6 @@ impl Audit {
             dir,
             max_file_bytes: cfg.max_file_bytes.max(1),
             rotate_daily: cfg.rotate_daily,
-            log_prompts: cfg.log_prompts,
             sync_every: std::time::Duration::from_millis(cfg.sync_every_ms),
         };
         // Recovery reads and may write files: keep it off the async workers.
@@ -347,20 +347,25 @@ impl Audit {
         self.tx.is_some()
     }
 
-    /// Queue one record. The writer adds `ts`, `seq`, `prev` and `hash`, drops secret
-    /// fields (and prompt/image fields unless `log_prompts`), see [`scrub`]. Waits
-    /// while the queue is full. Refuses records that carry a reserved field.
-    pub async fn record(&self, rec: Map<String, Value>) -> Result<(), AuditError> {
+    /// Queue one record. Secret fields (and prompt/image fields unless
+    /// `log_prompts`) are dropped, see [`scrub`]; the writer adds `ts`, `seq`,
+    /// `prev` and `hash`. Waits while the queue is full. Refuses records that carry
+    /// a reserved field.
+    ///
+    /// The fields are scrubbed and serialized here, on the caller's thread, and
+    /// travel as one buffer: a map freed on the writer's thread would free each of
+    /// its nodes into the caller's malloc arena, contending for its lock.
+    pub async fn record(&self, mut rec: Map<String, Value>) -> Result<(), AuditError> {
         if let Some(name) = RESERVED_FIELDS.iter().find(|f| rec.contains_key(**f)) {
             return Err(AuditError::ReservedField((*name).to_string()));
         }
-        match &self.tx {
-            None => Ok(()),
-            Some(tx) => tx
-                .send(Msg::Record(rec))
-                .await
-                .map_err(|_| AuditError::Closed),
-        }
+        let Some(tx) = &self.tx else { return Ok(()) };
+        scrub(&mut rec, self.log_prompts);
+        let fields = writer::encode_fields(&rec).map_err(|e| AuditError::Write(e.to_string()))?;
+        drop(rec);
+        tx.send(Msg::Record(fields))
+            .await
+            .map_err(|_| AuditError::Closed)
     }
 
     /// Return once every record queued before this call is written and

@@ -1,8 +1,8 @@
 //! The writer thread: recovery on open, batching, rotation, syncing, the head file.
 
 use super::{
-    canonical_hash, file_name, list_files, parse_line, read_head, scrub, AuditError, Head, LogFile,
-    Msg, CURRENT_LINK, GENESIS, HEAD_FILE,
+    canonical_hash, file_name, list_files, parse_line, read_head, AuditError, Head, LogFile, Msg,
+    CURRENT_LINK, GENESIS, HEAD_FILE,
 };
 use crate::clock::SharedClock;
 use chrono::{NaiveDate, SecondsFormat};
@@ -35,9 +35,21 @@ pub(super) struct Settings {
     pub dir: PathBuf,
     pub max_file_bytes: u64,
     pub rotate_daily: bool,
-    pub log_prompts: bool,
     /// Longest a written record waits for its `fdatasync` (see `AuditConfig`).
     pub sync_every: Duration,
+}
+
+/// A record's own fields as they follow `prev` in its line: `,"k":v` for each,
+/// in the map's order. The writer puts them between `prev` and `hash` unchanged.
+pub(super) fn encode_fields(rec: &Map<String, Value>) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(256);
+    for (k, v) in rec {
+        out.push(b',');
+        serde_json::to_writer(&mut out, k)?;
+        out.push(b':');
+        serde_json::to_writer(&mut out, v)?;
+    }
+    Ok(out)
 }
 
 /// The file being appended to.
@@ -173,8 +185,9 @@ impl Writer {
             (None, None) => {}
         }
         if !events.is_empty() {
-            for mut ev in events {
-                w.encode(&mut ev).map_err(|e| AuditError::io(&w.s.dir, e))?;
+            for ev in events {
+                let fields = encode_fields(&ev).map_err(|e| AuditError::Write(e.to_string()))?;
+                w.encode(&fields).map_err(|e| AuditError::io(&w.s.dir, e))?;
             }
             w.commit(true).map_err(|e| AuditError::io(&w.s.dir, e))?;
         }
@@ -266,9 +279,8 @@ impl Writer {
                 if self.gave_up {
                     return;
                 }
-                let mut rec = rec;
                 // Encoding fails only on I/O (rotation); a retry encodes it again.
-                self.retry(flushers, stop, |w| w.encode(&mut rec));
+                self.retry(flushers, stop, |w| w.encode(&rec));
             }
             Msg::Flush(reply) => flushers.push(reply),
             Msg::Wake => {}
@@ -307,12 +319,11 @@ impl Writer {
     }
 
     /// Turn a record into a chained line in `pending`, rotating first if needed.
-    fn encode(&mut self, rec: &mut Map<String, Value>) -> std::io::Result<()> {
-        scrub(rec, self.s.log_prompts);
+    fn encode(&mut self, fields: &[u8]) -> std::io::Result<()> {
         let now = self.clock.now();
         let day = now.date_naive();
 
-        let mut line = Vec::with_capacity(256);
+        let mut line = Vec::with_capacity(128 + fields.len());
         line.extend_from_slice(b"{\"ts\":\"");
         line.extend_from_slice(now.to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes());
         line.extend_from_slice(b"\",\"seq\":");
@@ -320,12 +331,7 @@ impl Writer {
         line.extend_from_slice(b",\"prev\":\"");
         line.extend_from_slice(self.prev.as_bytes());
         line.push(b'"');
-        for (k, v) in rec.iter() {
-            line.push(b',');
-            serde_json::to_writer(&mut line, k).map_err(std::io::Error::other)?;
-            line.push(b':');
-            serde_json::to_writer(&mut line, v).map_err(std::io::Error::other)?;
-        }
+        line.extend_from_slice(fields);
         let hash = canonical_hash(&line);
         line.extend_from_slice(b",\"hash\":\"");
         line.extend_from_slice(hash.as_bytes());
