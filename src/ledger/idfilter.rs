@@ -13,6 +13,13 @@
 //! fresh reservation needs no disk read, and the filter stops growing with the
 //! ledger's history (it took 16 bits per chain ever written). An older id in
 //! that format, e.g. a replay after its chain left memory, is looked up on disk.
+//!
+//! Loading the filter reads only what it needs from the file's `chains` index:
+//! the newest id in the gate's range (`GATE_RANGE`, read backwards from its
+//! end) and the ids outside that range. Any other id inside the range (it
+//! starts with '0' but is not in the gate's format) cannot be told apart from
+//! the gate's ids without reading them all, so it always counts as "maybe on
+//! disk": a disk read, never a wrong answer.
 
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +38,13 @@ pub(super) struct IdFilter {
     count: AtomicU64,
     /// The newest time prefix of any id in the gate's format inserted so far.
     floor: AtomicU64,
+}
+
+/// Every id in the gate's format sorts in `GATE_RANGE.0 <= id < GATE_RANGE.1`.
+pub(super) const GATE_RANGE: (&str, &str) = ("0", "1");
+
+fn in_gate_range(id: &str) -> bool {
+    id.starts_with('0')
 }
 
 /// The time prefix of an id in the gate's format, or `None` for any other id.
@@ -76,6 +90,10 @@ impl IdFilter {
             self.floor.fetch_max(t, Ordering::AcqRel);
             return;
         }
+        if in_gate_range(id) {
+            // Always "maybe" (see the module comment): no bits needed.
+            return;
+        }
         let (h1, h2) = hashes(id);
         for i in 0..K {
             let bit = h1.wrapping_add(i.wrapping_mul(h2)) & self.mask;
@@ -88,6 +106,9 @@ impl IdFilter {
     pub(super) fn may_contain(&self, id: &str) -> bool {
         if let Some(t) = time_prefix(id) {
             return t <= self.floor.load(Ordering::Acquire);
+        }
+        if in_gate_range(id) {
+            return true;
         }
         let (h1, h2) = hashes(id);
         (0..K).all(|i| {
@@ -104,7 +125,7 @@ impl IdFilter {
             > self.mask
     }
 
-    /// Ids that took bits (those not in the gate's format).
+    /// Ids that took bits (those outside the gate's range).
     pub(super) fn len(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
     }
@@ -143,11 +164,9 @@ mod tests {
         assert!(f.may_contain(&b));
         // ... and nothing newer can be.
         assert!(!f.may_contain(&id(1_800_000_000_501, "00000000000000000000")));
-        // Other shapes are not the gate's format: they use the bits.
+        // Ids outside the gate's range use the bits.
         for other in [
             "req-1".to_string(),
-            id(1_800_000_000_000, "0123456789ABCDEF0123"),
-            format!("{}0", id(1_800_000_000_000, "0123456789abcdef0123")),
             format!("1{}", &id(1_800_000_000_000, "0123456789abcdef0123")[1..]),
         ] {
             assert_eq!(time_prefix(&other), None, "{other}");
@@ -155,7 +174,19 @@ mod tests {
             f.insert(&other);
             assert!(f.may_contain(&other));
         }
-        assert_eq!(f.len(), 4);
+        assert_eq!(f.len(), 2);
+        // Other shapes inside the range are always "maybe": they need no bits.
+        for odd in [
+            id(1_800_000_000_000, "0123456789ABCDEF0123"),
+            format!("{}0", id(1_800_000_000_000, "0123456789abcdef0123")),
+            "0-test".to_string(),
+        ] {
+            assert_eq!(time_prefix(&odd), None, "{odd}");
+            assert!(odd.as_str() >= GATE_RANGE.0 && odd.as_str() < GATE_RANGE.1);
+            assert!(f.may_contain(&odd));
+            f.insert(&odd);
+        }
+        assert_eq!(f.len(), 2);
     }
 
     #[test]

@@ -395,21 +395,33 @@ fn load_pending(conn: &Connection) -> rusqlite::Result<Vec<PendingRow>> {
 }
 
 /// A filter of every chain id in the file (pending ones are in memory too,
-/// which does no harm), sized with room to grow. Ids in the gate's own format
-/// only move the filter's time floor, so its size follows the other ids alone.
+/// which does no harm), sized with room to grow. It reads two ranges of the
+/// `chains` primary key, not the whole table: the gate's own ids only move the
+/// filter's time floor, so one read backwards from the end of their range finds
+/// it, and only the ids outside that range take bits (see `idfilter`). The
+/// cost follows those other ids, not the ledger's history.
 fn load_id_filter(conn: &Connection) -> rusqlite::Result<IdFilter> {
-    let mut others = Vec::new();
+    let (lo, hi) = super::idfilter::GATE_RANGE;
     let mut floor = None;
-    let mut stmt = conn.prepare("SELECT id FROM chains")?;
-    let mut rows = stmt.query([])?;
+    let mut newest =
+        conn.prepare("SELECT id FROM chains WHERE id >= ?1 AND id < ?2 ORDER BY id DESC")?;
+    let mut rows = newest.query([lo, hi])?;
     while let Some(row) = rows.next()? {
         let id = row.get_ref(0)?.as_str()?;
         if super::idfilter::time_prefix(id).is_some() {
-            if floor.as_deref().is_none_or(|f: &str| id > f) {
-                floor = Some(id.to_owned());
-            }
-        } else {
-            others.push(id.to_owned());
+            floor = Some(id.to_owned());
+            break;
+        }
+    }
+    let mut others = Vec::new();
+    for (sql, bound) in [
+        ("SELECT id FROM chains WHERE id < ?1", lo),
+        ("SELECT id FROM chains WHERE id >= ?1", hi),
+    ] {
+        let mut stmt = conn.prepare(sql)?;
+        let mut rows = stmt.query([bound])?;
+        while let Some(row) = rows.next()? {
+            others.push(row.get::<_, String>(0)?);
         }
     }
     let filter = IdFilter::with_capacity((others.len() as u64).saturating_mul(4));
