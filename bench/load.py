@@ -757,14 +757,19 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
     by = {r.target.split(" (")[0]: r for r in rows if r.max}
     disk, ram = by.get("gate, SQLite ledger + audit"), by.get("gate, SQLite ledger + audit on tmpfs")
     if disk and ram:
+        share = 1 - disk.max.rps / ram.max.rps if ram.max.rps else 0.0
+        if share > 0.15:
+            verdict = (f"the disk's syncs, not the request path's code, set most of the durable gate's "
+                       f"cost on this machine; at a fixed connection count its throughput is bounded "
+                       f"by connections ÷ (time of the syncs in turn).")
+        else:
+            verdict = (f"the syncs cost {max(share, 0.0):.0%} of the throughput; the request path's CPU, "
+                       f"not the disk, sets the limit on this machine.")
         out.append(
             f"What it shows: each admitted draw waits for two durable writes in turn (the "
             f"reservation before forwarding, the settlement before the answer), each one a group "
             f"commit ending in an `fdatasync`. With the same gate's data directory "
-            f"in RAM it serves {ram.max.rps:,.0f} req/s instead of {disk.max.rps:,.0f}: the disk's syncs, "
-            f"not the request path's code, set most of the durable gate's cost on this machine; "
-            f"at a fixed connection count its throughput is bounded by connections ÷ (time of the "
-            f"syncs in turn)."
+            f"in RAM it serves {ram.max.rps:,.0f} req/s instead of {disk.max.rps:,.0f}: {verdict}"
         )
         out.append("")
     one, many = by.get("gate, PostgreSQL ledger + audit"), next(

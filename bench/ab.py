@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Interleaved A/B of gate variants: which of two builds (or settings) draws faster.
+
+    python3 bench/ab.py --variant old=/path/to/old/chuzhan-gate --variant new=target/release/chuzhan-gate
+    python3 bench/ab.py --variant a2=BIN --variant a4=BIN:GLIBC_TUNABLES=glibc.malloc.arena_max=4
+    python3 bench/ab.py --variant s0=BIN:@config-with-sync0.toml --variant s10=BIN
+
+A variant is LABEL=BINARY, optionally followed by `:NAME=VALUE` environment settings
+and `:@FILE` for a config file. Each round starts, for every variant in turn, a fresh
+simulator and gate (SQLite ledger and audit in a new temporary directory, as in
+bench/load.py), warms it up for 1 s and drives `POST /aiapi/v1/draw` with wrk (64
+connections) for --seconds; it records requests/s and the gate's CPU per request
+(utime + stime from /proc). It prints the medians and, per variant, the median of the
+per-round ratios to the first variant.
+
+Why interleaved rounds and ratios: on the shared 2-core benchmark machine the same
+binary runs in two speeds for minutes at a time (about 70 and 130 µs of gate CPU per
+draw), so only variants measured side by side in the same round can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load  # noqa: E402  (bench/load.py: process, gate and wrk helpers)
+
+
+def parse_variant(spec: str) -> tuple[str, str, dict, Path | None]:
+    label, _, rest = spec.partition("=")
+    parts = rest.split(":")
+    binary, env, config = parts[0], {}, None
+    for p in parts[1:]:
+        if p.startswith("@"):
+            config = Path(p[1:])
+        else:
+            name, _, value = p.partition("=")
+            env[name] = value
+    if not label or not binary:
+        raise SystemExit(f"bad --variant {spec!r}: want LABEL=BINARY[:NAME=VALUE][:@CONFIG]")
+    return label, binary, env, config
+
+
+def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: int) -> tuple[float, float]:
+    procs = load.Procs()
+    with tempfile.TemporaryDirectory(prefix="gate-ab-") as d:
+        tmp = Path(d)
+        try:
+            sim = load.start_sim(procs, binary, tmp)
+            g = load.start_gate(procs, binary, tmp, "ab", sim, env, config)
+            key = load.create_key(g, "ab", load.HUGE_BUDGET)
+            url = g.url + load.DRAW_PATH
+            load.run_wrk(url, key, conns, 1, tmp)
+            before = load.cpu_seconds(g.proc.pid)
+            res = load.run_wrk(url, key, conns, seconds, tmp)
+            if res.errors:
+                raise load.BenchError(f"wrk reported errors: {res.errors}")
+            used = load.cpu_seconds(g.proc.pid) - before
+        finally:
+            procs.stop_all()
+    return res.rps, used * 1e6 / max(res.rps * seconds, 1.0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", action="append", required=True, help="LABEL=BINARY[:NAME=VALUE][:@CONFIG]")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--seconds", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=64)
+    a = ap.parse_args()
+    variants = [parse_variant(v) for v in a.variant]
+    rps: dict[str, list[float]] = {v[0]: [] for v in variants}
+    cpu: dict[str, list[float]] = {v[0]: [] for v in variants}
+    for r in range(a.rounds):
+        line = []
+        for label, binary, env, config in variants:
+            x, c = one_run(binary, env, config, a.seconds, a.connections)
+            rps[label].append(x)
+            cpu[label].append(c)
+            line.append(f"{label} {x:,.0f} req/s {c:.0f} µs/req")
+        print(f"round {r + 1}: " + " | ".join(line), flush=True)
+    base = variants[0][0]
+    for label, *_ in variants:
+        ratio = statistics.median(x / b for x, b in zip(rps[label], rps[base]))
+        cratio = statistics.median(x / b for x, b in zip(cpu[label], cpu[base]))
+        print(f"{label}: median {statistics.median(rps[label]):,.0f} req/s, "
+              f"{statistics.median(cpu[label]):.0f} µs CPU/req; vs {base}: req/s ×{ratio:.3f}, CPU/req ×{cratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
