@@ -13,6 +13,7 @@ pub mod json_edit;
 pub mod keys;
 pub mod ledger;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod points;
 pub mod pricing;

@@ -118,6 +118,11 @@ impl Metrics {
             .observe(total.saturating_sub(upstream.unwrap_or_default()));
     }
 
+    /// Requests answered so far (all endpoints and decisions).
+    pub fn requests_total(&self) -> u64 {
+        self.gate_overhead.count.load(Ordering::Relaxed)
+    }
+
     /// One upstream call ended (`None`: no answer).
     pub fn upstream_done(&self, status: Option<u16>) {
         match status {

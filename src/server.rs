@@ -16,7 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -208,6 +208,7 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, mut key_curso
     let mut forget = tokio::time::interval(Duration::from_millis(250));
     forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
+    let mut trim = crate::memory::QuietTrim::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -234,6 +235,14 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, mut key_curso
         }
         if n % gate.cfg.tasks.check_interval_secs.max(1) == 0 {
             crate::tasks::check_due(&gate).await;
+        }
+        if trim.tick(gate.metrics.requests_total()) {
+            let started = Instant::now();
+            let _ = tokio::task::spawn_blocking(crate::memory::release_free_memory).await;
+            tracing::debug!(
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "free heap memory released"
+            );
         }
         if n % 10 == 0 {
             match gate.ledger.expire_pending().await {
