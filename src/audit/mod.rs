@@ -77,8 +77,8 @@
 //! crash of the gate loses at most the records still queued (about the last 2 ms;
 //! the ledger holds the money either way), and a crash of the machine at most the
 //! last `sync_every_ms` more. `sync_every_ms = 0` restores a sync per batch and no
-//! pause between batches. `ts` is the time the
-//! writer encoded the record, so `ts` follows `seq` as long as the clock does.
+//! pause between batches. `ts` is the time the writer encoded the record, so `ts`
+//! follows `seq` as long as the clock does.
 //!
 //! When a write or sync fails (disk full, directory gone) the writer keeps the
 //! batch and retries with backoff (50 ms doubling to 5 s), logging each failure; a
@@ -362,7 +362,7 @@ impl Audit {
         let Some(tx) = &self.tx else { return Ok(()) };
         scrub(&mut rec, self.log_prompts);
         let fields = writer::encode_fields(&rec).map_err(|e| AuditError::Write(e.to_string()))?;
-        drop(rec);
+        drop(rec); // here, before the task can move to another worker
         tx.send(Msg::Record(fields))
             .await
             .map_err(|_| AuditError::Closed)

@@ -197,7 +197,8 @@ impl Writer {
     /// The thread body: take batches from the queue until stopped.
     pub(super) fn run(mut self, mut rx: mpsc::Receiver<Msg>, stop: &AtomicBool) {
         let mut flushers: Vec<oneshot::Sender<Result<(), AuditError>>> = Vec::new();
-        // Only for the idle timeout that brings a lagging head up to date.
+        // Only for the idle timeout that syncs written records whose window is up
+        // and brings a lagging head up to date.
         let timer = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build();
