@@ -44,7 +44,7 @@ pub(super) struct IdFilter {
 pub(super) const GATE_RANGE: (&str, &str) = ("0", "1");
 
 fn in_gate_range(id: &str) -> bool {
-    id.starts_with('0')
+    (GATE_RANGE.0..GATE_RANGE.1).contains(&id)
 }
 
 /// The time prefix of an id in the gate's format, or `None` for any other id.

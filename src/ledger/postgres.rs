@@ -541,6 +541,11 @@ impl PgLedger {
             )
             .await
             .map_err(pg)?;
+        self.views(&rows, now)
+    }
+
+    /// Account rows (`key` and the `account_state` columns) as views at `now`.
+    fn views(&self, rows: &[Row], now: i64) -> Result<Vec<AccountView>, LedgerError> {
         rows.iter()
             .map(|r| {
                 let key = KeyId(r.try_get("key").map_err(pg)?);
@@ -564,12 +569,7 @@ impl PgLedger {
             )
             .await
             .map_err(pg)?;
-        rows.iter()
-            .map(|r| {
-                let key = KeyId(r.try_get("key").map_err(pg)?);
-                Ok(account_state(r)?.view(&key, now, self.tz))
-            })
-            .collect()
+        self.views(&rows, now)
     }
 
     pub(super) async fn reserve(
