@@ -1,12 +1,13 @@
 //! Giving freed heap memory back to the system.
 //!
-//! glibc keeps memory that the gate has freed for later allocations, and only
-//! gives back what sits at the top of a heap. After a burst (a thousand client
-//! connections, say) the resident size stays near its peak although the memory
-//! is free: 99 MB, and 39 MB once released (docs/benchmarks.md, Load).
-//! `malloc_trim(0)` returns every free page of every arena, but it takes 3–7 ms
-//! under load and holds the arenas' locks meanwhile, which showed in the p99.9.
-//! So housekeeping calls it only once a burst is over ([`QuietTrim`]).
+//! The gate's own allocations live in jemalloc (`src/main.rs`), whose
+//! background thread gives freed pages back about a second after they are
+//! freed. SQLite, being C, allocates from glibc's malloc, which keeps freed
+//! memory for later and only gives back what sits at the top of a heap.
+//! `malloc_trim(0)` returns every free page of every glibc arena, but it took
+//! 3–7 ms under load (when glibc held all of the gate's memory) and holds the
+//! arenas' locks meanwhile, which showed in the p99.9. So housekeeping calls it
+//! only once a burst is over ([`QuietTrim`]).
 
 /// Requests in one housekeeping tick (1 s) at or below which the gate counts as
 /// quiet.

@@ -573,6 +573,38 @@ async fn crash_under_load(store: Store) {
     assert!(spent - sim_charged <= recovered_pts);
 }
 
+/// The served binary allocates with jemalloc under the settings built into it
+/// (src/main.rs): its background thread, which gives freed memory back, runs.
+/// If the settings were not read (a wrong symbol name, an unterminated string)
+/// or the allocator were swapped out, the gate would keep its peak memory.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_served_binary_runs_jemalloc_with_its_background_thread() {
+    let sim = start_sim(SimConfig::default()).await;
+    let data = tempfile::tempdir().unwrap();
+    let env = gate_env(&sim, data.path(), "alloc-admin-token-5c1e");
+    let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
+    let threads = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_owned())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let names = threads(gate.pid());
+        if names.iter().any(|n| n.starts_with("jemalloc_bg")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no jemalloc background thread in the gate; its threads: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
     let sim = start_sim(SimConfig {
