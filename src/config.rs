@@ -418,6 +418,30 @@ mod tests {
     }
 
     #[test]
+    fn ledger_durability_is_read_and_a_misspelt_ledger_field_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        let cfg = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(cfg.ledger.durability, crate::ledger::Durability::PowerLoss);
+        std::fs::write(&p, "[ledger]\ndurability = \"process-crash\"\n").unwrap();
+        let cfg = Config::load_with_env(Some(&p), env(&[])).unwrap();
+        assert_eq!(
+            cfg.ledger.durability,
+            crate::ledger::Durability::ProcessCrash
+        );
+        std::fs::write(&p, "[ledger]\ndurability = \"none\"\n").unwrap();
+        let err = Config::load_with_env(Some(&p), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("durability"), "{err}");
+        // A typo must not silently leave a setting at its default.
+        std::fs::write(&p, "[ledger]\npending_polcy = \"void\"\n").unwrap();
+        let err = Config::load_with_env(Some(&p), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("pending_polcy"), "{err}");
+        std::fs::write(&p, "[audit]\nlog_prompt = true\n").unwrap();
+        let err = Config::load_with_env(Some(&p), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("log_prompt"), "{err}");
+    }
+
+    #[test]
     fn bad_listen_env_is_an_error() {
         let err = Config::load_with_env(None, env(&[("GATE_LISTEN", "nope")])).unwrap_err();
         assert!(err.to_string().contains("GATE_LISTEN"));

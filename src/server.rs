@@ -8,7 +8,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gate::{self, Gate, GateInner};
 use crate::keys::KeyCache;
-use crate::ledger::{BackendKind, Ledger, LedgerError};
+use crate::ledger::{BackendKind, Durability, Ledger, LedgerError};
 use crate::points::KeyId;
 use crate::upstream::client::Upstream;
 use hyper::server::conn::http1;
@@ -75,6 +75,18 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| StartError::DataDir(cfg.data_dir.display().to_string(), e))?;
     let ledger = Ledger::open(&cfg.ledger, clock.clone()).await?;
+    // Read back from the store, not the config: what a power cut could cost.
+    match ledger.durability().await? {
+        Durability::PowerLoss => tracing::info!(
+            backend = ?cfg.ledger.backend,
+            "ledger durability: power-loss (every commit is on disk before the gate acts on it)"
+        ),
+        Durability::ProcessCrash => tracing::warn!(
+            backend = ?cfg.ledger.backend,
+            "ledger durability: process-crash (a power cut or a crash of the store's machine \
+             can lose the last commits; requests forwarded then go unbilled)"
+        ),
+    }
     let (audit, audit_writer) = if cfg.audit.enabled {
         let (a, w) = Audit::open(&cfg.audit, clock.clone()).await?;
         (a, Some(w))

@@ -435,6 +435,31 @@ fn shipped_config_file_parses() {
     chuzhan_gate::config::Config::from_file(&p).unwrap();
 }
 
+/// The fleet's gate.toml, embedded in the Kubernetes ConfigMap, parses too (the
+/// config sections refuse unknown fields, so a stale name there would stop pods).
+#[test]
+fn the_kubernetes_configmap_gate_toml_parses() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(root.join("deploy/k8s/configmap.yaml")).unwrap();
+    let (_, block) = yaml
+        .split_once("gate.toml: |\n")
+        .expect("a gate.toml block");
+    let toml: String = block
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(toml.contains("[ledger]"), "{toml}");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("gate.toml");
+    std::fs::write(&p, toml).unwrap();
+    let cfg = chuzhan_gate::config::Config::from_file(&p).unwrap();
+    assert_eq!(
+        cfg.ledger.backend,
+        chuzhan_gate::ledger::BackendKind::Postgres
+    );
+}
+
 #[tokio::test]
 async fn lists_keys_a_page_at_a_time_in_id_order() {
     let env = Env::new().await;

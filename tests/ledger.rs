@@ -6,8 +6,8 @@ use chrono::{DateTime, Duration, Utc};
 use chuzhan_gate::clock::{ManualClock, SharedClock, SystemClock};
 use chuzhan_gate::keys::KeyRecord;
 use chuzhan_gate::ledger::{
-    verify_cmd, BackendKind, IdemBegin, Ledger, LedgerConfig, LedgerError, PendingPolicy, Period,
-    SettleKind, StoredAnswer,
+    verify_cmd, BackendKind, Durability, IdemBegin, Ledger, LedgerConfig, LedgerError,
+    PendingPolicy, Period, SettleKind, StoredAnswer,
 };
 use chuzhan_gate::points::{KeyId, Points, TransferId};
 use std::io::{BufRead, Write};
@@ -189,6 +189,7 @@ conformance!(
     admits_exactly_what_fits_with_equal_sizes_that_leave_a_remainder,
     resolves_reservations_left_pending_by_a_stopped_instance,
     ping_and_close_work,
+    runs_at_the_configured_durability,
     replays_and_refunds_transfers_settled_long_ago,
     replays_and_refunds_gate_ids_settled_long_ago,
     replays_and_refunds_odd_ids_in_the_gate_range_settled_long_ago,
@@ -1026,6 +1027,39 @@ async fn forgets_settled_transfers_within_a_second_and_still_answers_for_them(fx
     assert_clean(&l).await;
 }
 
+/// The store reports back the durability it runs at; the weaker one still
+/// charges and verifies. On PostgreSQL a session default of
+/// `synchronous_commit=off` (here given in the URL, as a server or role setting
+/// would) does not weaken a `power-loss` gate.
+async fn runs_at_the_configured_durability(fx: &Fx) {
+    let l = fx.open(system()).await;
+    assert_eq!(l.durability().await.unwrap(), Durability::PowerLoss);
+    l.open_account(&key("key_dur"), Points(10), Period::None, "admin", "")
+        .await
+        .unwrap();
+    drop(l);
+
+    let mut cfg = fx.cfg();
+    cfg.durability = Durability::ProcessCrash;
+    let l = fx.open_with(cfg, system()).await;
+    assert_eq!(l.durability().await.unwrap(), Durability::ProcessCrash);
+    l.reserve(&key("key_dur"), Points(4), &tid("dur-1"))
+        .await
+        .unwrap();
+    l.commit(&tid("dur-1"), Points(3)).await.unwrap();
+    assert_eq!(l.account(&key("key_dur")).await.unwrap().spent, Points(3));
+    assert_clean(&l).await;
+    drop(l);
+
+    if let Store::Postgres { url, .. } = &fx.store {
+        let mut cfg = fx.cfg();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        cfg.url = Some(format!("{url}{sep}options=-c%20synchronous_commit%3Doff"));
+        let l = fx.open_with(cfg, system()).await;
+        assert_eq!(l.durability().await.unwrap(), Durability::PowerLoss);
+    }
+}
+
 async fn ping_and_close_work(fx: &Fx) {
     let l = fx.open(system()).await;
     l.ping().await.unwrap();
@@ -1140,6 +1174,7 @@ async fn verify_cmd_exits_2_when_the_ledger_cannot_be_read() {
 // SQLite crash test: a child process hammers the ledger and is SIGKILLed.
 
 const CHILD_ENV: &str = "CHUZHAN_LEDGER_CRASH_CHILD";
+const CHILD_DURABILITY_ENV: &str = "CHUZHAN_LEDGER_CRASH_DURABILITY";
 
 /// Not a behaviour on its own: the body of the child process that
 /// `sqlite_survives_sigkill_under_load` starts (this test binary, re-executed
@@ -1156,13 +1191,19 @@ fn crash_child_process_body() {
         .build()
         .expect("runtime");
     rt.block_on(async move {
+        let durability = match std::env::var(CHILD_DURABILITY_ENV).as_deref() {
+            Ok("process-crash") => Durability::ProcessCrash,
+            _ => Durability::PowerLoss,
+        };
         let cfg = LedgerConfig {
             path: Some(path.into()),
+            durability,
             ..LedgerConfig::default()
         };
         let l = Ledger::open(&cfg, system())
             .await
             .expect("child opens the ledger");
+        assert_eq!(l.durability().await.expect("durability"), durability);
         let k = key("key_crash");
         let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         let mut tasks = Vec::new();
@@ -1199,6 +1240,17 @@ fn say(out: &std::sync::Mutex<std::io::Stdout>, line: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_survives_sigkill_under_load() {
+    sigkill_under_load(Durability::PowerLoss).await;
+}
+
+/// `process-crash` promises exactly this: a killed process loses no commit it
+/// was told of, because the OS still holds the WAL it wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_at_process_crash_durability_survives_sigkill_under_load() {
+    sigkill_under_load(Durability::ProcessCrash).await;
+}
+
+async fn sigkill_under_load(durability: Durability) {
     let fx = Fx::sqlite();
     let cfg = fx.cfg();
     let path = cfg.path.clone().expect("path");
@@ -1222,6 +1274,7 @@ async fn sqlite_survives_sigkill_under_load() {
             "--test-threads=1",
         ])
         .env(CHILD_ENV, &path)
+        .env(CHILD_DURABILITY_ENV, durability.as_str())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1310,7 +1363,8 @@ async fn sqlite_survives_sigkill_under_load() {
     assert_eq!(v.spent.get() as i64, charged);
     assert_eq!(v.reserved, Points(0));
     eprintln!(
-        "crash test: {} reserved, {} committed, {} voided seen by the child; {recovered} charged by recovery",
+        "crash test ({}): {} reserved, {} committed, {} voided seen by the child; {recovered} charged by recovery",
+        durability.as_str(),
         reserved.len(),
         committed.len(),
         voided.len()

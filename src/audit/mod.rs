@@ -156,7 +156,7 @@ pub const SECRET_FIELDS: [&str; 11] = [
 
 /// The `[audit]` section of the configuration.
 #[derive(Debug, Clone, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     /// Directory of the log; `None` means `<data_dir>/audit`, filled in by the config
     /// loader. [`Audit::open`] refuses `None` when enabled.

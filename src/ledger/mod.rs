@@ -82,9 +82,39 @@ pub enum PendingPolicy {
     Void,
 }
 
+/// Which failures a committed ledger write survives. The gate forwards a request
+/// only after its reservation is committed and answers only after the settle is,
+/// so this decides what a failure at the wrong moment can lose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Every commit is on disk before anyone acts on it (SQLite
+    /// `synchronous=FULL`; PostgreSQL `synchronous_commit=on`): a power cut
+    /// loses nothing the gate acted on.
+    #[default]
+    PowerLoss,
+    /// A commit is handed to the operating system (SQLite `synchronous=NORMAL`)
+    /// or to the server's memory (PostgreSQL `synchronous_commit=off`) and
+    /// flushed soon after. A crash of the gate loses nothing; a power cut or
+    /// kernel crash (SQLite) or a server crash (PostgreSQL) can lose the last
+    /// moments of commits, so requests forwarded then go unbilled. The file
+    /// stays consistent either way.
+    ProcessCrash,
+}
+
+impl Durability {
+    /// The name used in configuration and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::PowerLoss => "power-loss",
+            Durability::ProcessCrash => "process-crash",
+        }
+    }
+}
+
 /// The `[ledger]` section of the configuration.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct LedgerConfig {
     /// Which store to use.
     pub backend: BackendKind,
@@ -98,6 +128,8 @@ pub struct LedgerConfig {
     pub pending_policy: PendingPolicy,
     /// Age after which a pending reservation is resolved by the policy.
     pub pending_ttl_secs: u64,
+    /// Which failures a commit survives.
+    pub durability: Durability,
     /// IANA timezone for budget periods.
     pub timezone: String,
     /// This replica's name; PostgreSQL pending reservations are owned by it so
@@ -117,6 +149,7 @@ impl Default for LedgerConfig {
             pool_size: 16,
             pending_policy: PendingPolicy::Charge,
             pending_ttl_secs: 600,
+            durability: Durability::PowerLoss,
             timezone: "Asia/Shanghai".to_string(),
             instance: None,
             schema: None,
@@ -532,6 +565,13 @@ impl Ledger {
     /// Proves the store is reachable and writable (for readiness checks).
     pub async fn ping(&self) -> Result<(), LedgerError> {
         dispatch!(self, b => b.ping().await)
+    }
+
+    /// The durability the store actually runs at, read back from it (SQLite's
+    /// `synchronous` on the writer, PostgreSQL's `synchronous_commit` on a
+    /// pooled session), so a server configured otherwise cannot pass unseen.
+    pub async fn durability(&self) -> Result<Durability, LedgerError> {
+        dispatch!(self, b => b.durability().await)
     }
 
     /// Flushes queued writes; further calls still work (SQLite) until drop.

@@ -15,8 +15,8 @@
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
-    IdemBegin, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle,
-    Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    Durability, IdemBegin, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved,
+    Settle, Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -310,6 +310,11 @@ impl PgLedger {
         let mut pg_cfg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| LedgerError::Config(format!("ledger.url: {e}")))?;
+        let mut options: Vec<String> = pg_cfg
+            .get_options()
+            .map(str::to_owned)
+            .into_iter()
+            .collect();
         if let Some(schema) = &cfg.schema {
             let valid = !schema.is_empty()
                 && schema.len() <= 63
@@ -322,8 +327,15 @@ impl PgLedger {
                     "ledger.schema {schema:?}: use lowercase letters, digits and _"
                 )));
             }
-            pg_cfg.options(format!("-c search_path={schema}"));
+            options.push(format!("-c search_path={schema}"));
         }
+        // Set in both modes: a server whose default is `off` must not make a
+        // `power-loss` gate lose commits it has acted on.
+        options.push(match cfg.durability {
+            Durability::PowerLoss => "-c synchronous_commit=on".to_string(),
+            Durability::ProcessCrash => "-c synchronous_commit=off".to_string(),
+        });
+        pg_cfg.options(options.join(" "));
         if pg_cfg.get_connect_timeout().is_none() {
             pg_cfg.connect_timeout(std::time::Duration::from_secs(10));
         }
@@ -882,6 +894,20 @@ impl PgLedger {
             .await
             .map_err(pg)?;
         Ok(())
+    }
+
+    pub(super) async fn durability(&self) -> Result<Durability, LedgerError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SHOW synchronous_commit", &[])
+            .await
+            .map_err(pg)?;
+        let value: String = row.get(0);
+        // `local`, `remote_write` and `remote_apply` all wait for the local flush.
+        Ok(match value.as_str() {
+            "off" => Durability::ProcessCrash,
+            _ => Durability::PowerLoss,
+        })
     }
 
     pub(super) async fn close(&self) -> Result<(), LedgerError> {

@@ -18,9 +18,9 @@
 use super::idfilter::IdFilter;
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for, AccountRow,
-    AccountState, AccountView, AdminOp, ChainRow, ChainState, IdemBegin, LedgerConfig, LedgerError,
-    PendingPolicy, Period, Refusal, Reserved, Settle, SettleKind, Settled, StoredAnswer,
-    TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    AccountState, AccountView, AdminOp, ChainRow, ChainState, Durability, IdemBegin, LedgerConfig,
+    LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle, SettleKind, Settled,
+    StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -318,13 +318,19 @@ impl Drop for SqliteLedger {
     }
 }
 
-fn open_conn(path: &std::path::Path) -> Result<Connection, LedgerError> {
+fn open_conn(path: &std::path::Path, durability: Durability) -> Result<Connection, LedgerError> {
     let conn = Connection::open(path).map_err(storage)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .map_err(storage)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(storage)?;
-    conn.pragma_update(None, "synchronous", "FULL")
+    // In WAL mode NORMAL syncs the WAL only at checkpoints (every
+    // `CHECKPOINT_EVERY`), so a commit survives the process but not the machine.
+    let synchronous = match durability {
+        Durability::PowerLoss => "FULL",
+        Durability::ProcessCrash => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)
         .map_err(storage)?;
     // Page cache per connection (the default is 2 MiB): five connections with
     // full caches were a tenth of the gate's memory, while a miss costs only a
@@ -833,6 +839,7 @@ impl SqliteLedger {
             .clone()
             .ok_or_else(|| LedgerError::Config("ledger.path is not set".into()))?;
         let tz = cfg.tz()?;
+        let durability = cfg.durability;
         let open = tokio::task::spawn_blocking(move || -> Result<_, LedgerError> {
             if let Some(dir) = path.parent() {
                 if !dir.as_os_str().is_empty() {
@@ -840,7 +847,7 @@ impl SqliteLedger {
                 }
             }
             let writer_lock = take_writer_lock(&path)?;
-            let mut writer = open_conn(&path)?;
+            let mut writer = open_conn(&path, durability)?;
             migrate(&mut writer)?;
             // The writer checkpoints itself after answering a batch (see
             // `writer_loop`) rather than inside a commit its callers wait on.
@@ -852,14 +859,14 @@ impl SqliteLedger {
             let on_disk = load_id_filter(&writer).map_err(storage)?;
             let mut readers = Vec::with_capacity(READERS);
             for _ in 0..READERS {
-                let r = open_conn(&path)?;
+                let r = open_conn(&path, durability)?;
                 r.pragma_update(None, "query_only", "ON").map_err(storage)?;
                 readers.push(Mutex::new(r));
             }
             // Key pages are read on a connection of their own with a small
             // cache: a scan of 100,000 records must neither fill the request
             // readers' caches nor hold one of them for long.
-            let key_reader = open_conn(&path)?;
+            let key_reader = open_conn(&path, durability)?;
             key_reader
                 .pragma_update(None, "query_only", "ON")
                 .map_err(storage)?;
@@ -1592,6 +1599,19 @@ impl SqliteLedger {
 
     pub(super) async fn close(&self) -> Result<(), LedgerError> {
         self.custom(|_| Ok(())).await
+    }
+
+    pub(super) async fn durability(&self) -> Result<Durability, LedgerError> {
+        let level: i64 = self
+            .custom(|c| c.pragma_query_value(None, "synchronous", |r| r.get(0)))
+            .await?;
+        match level {
+            1 => Ok(Durability::ProcessCrash),
+            2 | 3 => Ok(Durability::PowerLoss),
+            n => Err(LedgerError::Storage(format!(
+                "synchronous={n} on the writer"
+            ))),
+        }
     }
 
     pub(super) async fn idem_begin(
