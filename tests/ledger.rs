@@ -1043,6 +1043,14 @@ async fn runs_at_the_configured_durability(fx: &Fx) {
     cfg.durability = Durability::ProcessCrash;
     let l = fx.open_with(cfg, system()).await;
     assert_eq!(l.durability().await.unwrap(), Durability::ProcessCrash);
+    if let Store::Sqlite(_) = &fx.store {
+        // Unsynced commits are flushed by a thread of their own, which ends
+        // with the ledger.
+        assert!(
+            thread_named("ledger-flusher"),
+            "no WAL flusher at process-crash"
+        );
+    }
     l.reserve(&key("key_dur"), Points(4), &tid("dur-1"))
         .await
         .unwrap();
@@ -1050,6 +1058,10 @@ async fn runs_at_the_configured_durability(fx: &Fx) {
     assert_eq!(l.account(&key("key_dur")).await.unwrap().spent, Points(3));
     assert_clean(&l).await;
     drop(l);
+    assert!(
+        !thread_named("ledger-flusher"),
+        "the WAL flusher outlived its ledger"
+    );
 
     if let Store::Postgres { url, .. } = &fx.store {
         let mut cfg = fx.cfg();
@@ -1058,6 +1070,14 @@ async fn runs_at_the_configured_durability(fx: &Fx) {
         let l = fx.open_with(cfg, system()).await;
         assert_eq!(l.durability().await.unwrap(), Durability::PowerLoss);
     }
+}
+
+/// Whether this process has a thread of that name (Linux: /proc/self/task).
+fn thread_named(name: &str) -> bool {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(Result::ok)
+        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
 }
 
 async fn ping_and_close_work(fx: &Fx) {
