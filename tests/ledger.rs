@@ -1059,7 +1059,7 @@ async fn runs_at_the_configured_durability(fx: &Fx) {
     assert_clean(&l).await;
     drop(l);
     assert!(
-        !thread_named("ledger-flusher"),
+        thread_gone("ledger-flusher"),
         "the WAL flusher outlived its ledger"
     );
 
@@ -1073,11 +1073,31 @@ async fn runs_at_the_configured_durability(fx: &Fx) {
 }
 
 /// Whether this process has a thread of that name (Linux: /proc/self/task).
+/// `thread_named` waits up to 2 s for the thread to appear and `thread_gone`
+/// for it to leave: a thread names itself once it runs, and leaves /proc just
+/// after its join returns.
 fn thread_named(name: &str) -> bool {
-    std::fs::read_dir("/proc/self/task")
-        .expect("/proc/self/task")
-        .filter_map(Result::ok)
-        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+    thread_named_within(name, true)
+}
+
+fn thread_gone(name: &str) -> bool {
+    !thread_named_within(name, false)
+}
+
+fn thread_named_within(name: &str, want: bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let found = std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .filter_map(Result::ok)
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+            });
+        if found == want || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 async fn ping_and_close_work(fx: &Fx) {
