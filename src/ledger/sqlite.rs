@@ -324,8 +324,8 @@ fn open_conn(path: &std::path::Path, durability: Durability) -> Result<Connectio
         .map_err(storage)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(storage)?;
-    // In WAL mode NORMAL syncs the WAL only at checkpoints (every
-    // `CHECKPOINT_EVERY`), so a commit survives the process but not the machine.
+    // In WAL mode NORMAL does not sync the WAL at commit (`wal_flusher` and the
+    // checkpoints do), so a commit survives the process but not the machine.
     let synchronous = match durability {
         Durability::PowerLoss => "FULL",
         Durability::ProcessCrash => "NORMAL",
@@ -624,17 +624,23 @@ const WAL_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(10
 /// thread syncs the WAL every `WAL_FLUSH_EVERY` instead, off the writer's path,
 /// so the checkpoint finds little to write and a power cut loses about that
 /// much rather than up to a checkpoint interval. Nobody waits for these syncs.
-fn wal_flusher(wal: &std::path::Path, stop: &AtomicBool) {
+///
+/// A failed sync stops the ledger, as a failed commit does: after one, Linux
+/// may have dropped the dirty pages, so later commits cannot be proven kept.
+fn wal_flusher(wal: &std::path::Path, stop: &AtomicBool, fail: &FailStop) {
     let mut file: Option<std::fs::File> = None;
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(WAL_FLUSH_EVERY);
         if file.is_none() {
+            // Absent only until the first commit creates it.
             file = std::fs::File::open(wal).ok();
         }
         if let Some(f) = &file {
             if let Err(e) = f.sync_data() {
-                tracing::warn!(error = %e, "ledger WAL flush failed");
-                file = None;
+                let why = format!("syncing the WAL failed: {e}");
+                tracing::error!(error = %e, "ledger WAL sync failed; stopping the ledger");
+                fail.trip(&why);
+                return;
             }
         }
     }
@@ -930,12 +936,16 @@ impl SqliteLedger {
                     let stop = AtomicBool::new(false);
                     std::thread::scope(|s| {
                         if let Some(wal) = &wal {
-                            let stop = &stop;
-                            let _ = std::thread::Builder::new()
+                            let (stop, fail) = (&stop, &*fail);
+                            let spawned = std::thread::Builder::new()
                                 .name("ledger-flusher".into())
-                                .spawn_scoped(s, move || wal_flusher(wal, stop));
+                                .spawn_scoped(s, move || wal_flusher(wal, stop, fail));
+                            if let Err(e) = spawned {
+                                // Still correct: the checkpoints sync the WAL.
+                                tracing::warn!(error = %e, "no ledger WAL flusher thread");
+                            }
                         }
-                        writer_loop(writer_conn, rx, chains, fail);
+                        writer_loop(writer_conn, rx, chains, Arc::clone(&fail));
                         stop.store(true, Ordering::Release);
                     })
                 })
