@@ -39,19 +39,16 @@ impl QuietTrim {
 
 /// Return free heap pages to the system. Returns whether any memory was
 /// released (always `false` where the allocator offers no such call).
-pub fn release_free_memory() -> bool {
-    trim()
-}
-
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn trim() -> bool {
+pub fn release_free_memory() -> bool {
     // SAFETY: malloc_trim only walks the allocator's own free lists under its
     // locks; it takes no pointers from us and may be called from any thread.
     unsafe { libc::malloc_trim(0) == 1 }
 }
 
+/// Return free heap pages to the system: nothing to call on this target.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() -> bool {
+pub fn release_free_memory() -> bool {
     false
 }
 

@@ -1047,7 +1047,7 @@ async fn runs_at_the_configured_durability(fx: &Fx) {
         // Unsynced commits are flushed by a thread of their own, which ends
         // with the ledger.
         assert!(
-            thread_named("ledger-flusher"),
+            thread_becomes("ledger-flusher", true),
             "no WAL flusher at process-crash"
         );
     }
@@ -1059,7 +1059,7 @@ async fn runs_at_the_configured_durability(fx: &Fx) {
     assert_clean(&l).await;
     drop(l);
     assert!(
-        thread_gone("ledger-flusher"),
+        thread_becomes("ledger-flusher", false),
         "the WAL flusher outlived its ledger"
     );
 
@@ -1072,19 +1072,10 @@ async fn runs_at_the_configured_durability(fx: &Fx) {
     }
 }
 
-/// Whether this process has a thread of that name (Linux: /proc/self/task).
-/// `thread_named` waits up to 2 s for the thread to appear and `thread_gone`
-/// for it to leave: a thread names itself once it runs, and leaves /proc just
-/// after its join returns.
-fn thread_named(name: &str) -> bool {
-    thread_named_within(name, true)
-}
-
-fn thread_gone(name: &str) -> bool {
-    !thread_named_within(name, false)
-}
-
-fn thread_named_within(name: &str, want: bool) -> bool {
+/// Whether this process's threads (Linux: /proc/self/task) come to include
+/// one of that name (`present`) or to lack it, within 2 s: a thread names
+/// itself once it runs, and leaves /proc just after its join returns.
+fn thread_becomes(name: &str, present: bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
         let found = std::fs::read_dir("/proc/self/task")
@@ -1093,8 +1084,11 @@ fn thread_named_within(name: &str, want: bool) -> bool {
             .any(|t| {
                 std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
             });
-        if found == want || std::time::Instant::now() > deadline {
-            return found;
+        if found == present {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

@@ -331,10 +331,11 @@ impl PgLedger {
         }
         // Set in both modes: a server whose default is `off` must not make a
         // `power-loss` gate lose commits it has acted on.
-        options.push(match cfg.durability {
-            Durability::PowerLoss => "-c synchronous_commit=on".to_string(),
-            Durability::ProcessCrash => "-c synchronous_commit=off".to_string(),
-        });
+        let commit = match cfg.durability {
+            Durability::PowerLoss => "on",
+            Durability::ProcessCrash => "off",
+        };
+        options.push(format!("-c synchronous_commit={commit}"));
         pg_cfg.options(options.join(" "));
         if pg_cfg.get_connect_timeout().is_none() {
             pg_cfg.connect_timeout(std::time::Duration::from_secs(10));
