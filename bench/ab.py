@@ -6,12 +6,14 @@
     python3 bench/ab.py --variant s0=BIN:@config-with-sync0.toml --variant s10=BIN
 
 A variant is LABEL=BINARY, optionally followed by `:NAME=VALUE` environment settings
-and `:@FILE` for a config file. Each round starts, for every variant in turn, a fresh
+and `:@FILE` for a config file (a `{schema}` in it becomes a fresh PostgreSQL schema for
+each run, dropped after it). Each round starts, for every variant in turn, a fresh
 simulator and gate (SQLite ledger and audit in a new temporary directory, as in
 bench/load.py), warms it up for 1 s and drives `POST /aiapi/v1/draw` with wrk (64
 connections) for --seconds; it records requests/s and the gate's CPU per request
 (utime + stime from /proc). It prints the medians and, per variant, the median of the
-per-round ratios to the first variant.
+per-round ratios to the first variant. --keys N spreads the draws over N keys, round-robin
+(for the PostgreSQL ledger, where one key's account row is the point of contention).
 
 Why interleaved rounds and ratios: on the shared 2-core benchmark machine the same
 binary runs in two speeds for minutes at a time (about 70 and 130 µs of gate CPU per
@@ -21,6 +23,9 @@ draw), so only variants measured side by side in the same round can be compared.
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
+import re
 import statistics
 import sys
 import tempfile
@@ -28,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load  # noqa: E402  (bench/load.py: process, gate and wrk helpers)
+
+RUNS = itertools.count()
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict, Path | None]:
@@ -45,14 +52,23 @@ def parse_variant(spec: str) -> tuple[str, str, dict, Path | None]:
     return label, binary, env, config
 
 
-def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: int) -> tuple[float, float]:
+def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: int, keys: int) -> tuple[float, float]:
     procs = load.Procs()
+    schema = None
     with tempfile.TemporaryDirectory(prefix="gate-ab-") as d:
         tmp = Path(d)
+        if config is not None and "{schema}" in config.read_text():
+            # A PostgreSQL variant: every run on a schema of its own, dropped after it.
+            schema = f"gate_ab_{os.getpid()}_{next(RUNS)}"
+            text = config.read_text().replace("{schema}", schema)
+            config = tmp / "gate.toml"
+            config.write_text(text)
         try:
             sim = load.start_sim(procs, binary, tmp)
             g = load.start_gate(procs, binary, tmp, "ab", sim, env, config)
-            key = load.create_key(g, "ab", load.HUGE_BUDGET)
+            key: str | list[str] = load.create_key(g, "ab", load.HUGE_BUDGET)
+            if keys > 1:
+                key = [key] + [load.create_key(g, f"ab-{i}", load.HUGE_BUDGET) for i in range(1, keys)]
             url = g.url + load.DRAW_PATH
             load.run_wrk(url, key, conns, 1, tmp)
             before = load.cpu_seconds(g.proc.pid)
@@ -62,6 +78,10 @@ def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: in
             used = load.cpu_seconds(g.proc.pid) - before
         finally:
             procs.stop_all()
+            if schema is not None:
+                url = re.search(r'^url\s*=\s*"([^"]+)"', text, re.M)
+                if url:
+                    load.drop_pg_schema(url.group(1), schema)
     return res.rps, used * 1e6 / max(res.rps * seconds, 1.0)
 
 
@@ -71,6 +91,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--keys", type=int, default=1, help="spread the draws over this many keys, round-robin")
     a = ap.parse_args()
     variants = [parse_variant(v) for v in a.variant]
     rps: dict[str, list[float]] = {v[0]: [] for v in variants}
@@ -78,7 +99,7 @@ def main() -> int:
     for r in range(a.rounds):
         line = []
         for label, binary, env, config in variants:
-            x, c = one_run(binary, env, config, a.seconds, a.connections)
+            x, c = one_run(binary, env, config, a.seconds, a.connections, a.keys)
             rps[label].append(x)
             cpu[label].append(c)
             line.append(f"{label} {x:,.0f} req/s {c:.0f} µs/req")

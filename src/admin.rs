@@ -218,6 +218,14 @@ async fn render_metrics(gate: &Gate) -> String {
             );
         }
     }
+    let g = gate.ledger.group_commits();
+    for (name, v) in [
+        ("gate_ledger_transactions_total", g.transactions),
+        ("gate_ledger_writes_total", g.writes),
+        ("gate_ledger_rollbacks_total", g.rollbacks),
+    ] {
+        let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
+    }
     if let Ok(n) = gate.ledger.pending_count().await {
         let _ = writeln!(
             out,

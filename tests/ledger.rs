@@ -6,8 +6,8 @@ use chrono::{DateTime, Duration, Utc};
 use chuzhan_gate::clock::{ManualClock, SharedClock, SystemClock};
 use chuzhan_gate::keys::KeyRecord;
 use chuzhan_gate::ledger::{
-    verify_cmd, BackendKind, Durability, IdemBegin, Ledger, LedgerConfig, LedgerError,
-    PendingPolicy, Period, SettleKind, StoredAnswer,
+    verify_cmd, BackendKind, Durability, GroupCommitStats, IdemBegin, Ledger, LedgerConfig,
+    LedgerError, PendingPolicy, Period, SettleKind, StoredAnswer,
 };
 use chuzhan_gate::points::{KeyId, Points, TransferId};
 use std::io::{BufRead, Write};
@@ -1151,6 +1151,185 @@ async fn postgres_two_instances_admit_exactly_what_fits_together() {
         "A's reservations stay pending: {pending}"
     );
     assert_clean(&lb).await;
+    fx.cleanup().await;
+}
+
+/// A client on the fixture's PostgreSQL schema, behind the ledger's back.
+async fn pg_on_schema(fx: &Fx) -> tokio_postgres::Client {
+    let Store::Postgres { url, schema } = &fx.store else {
+        panic!("not a PostgreSQL fixture")
+    };
+    let client = pg_client(url).await;
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .expect("set search_path");
+    client
+}
+
+/// Waits until some session waits for the transaction `xid` to end.
+async fn until_someone_waits_for(watcher: &tokio_postgres::Client, xid: &str) {
+    for _ in 0..1000 {
+        let n: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' \
+                 AND NOT granted AND transactionid::text = $1",
+                &[&xid],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("nobody waited for transaction {xid} within 10 s");
+}
+
+/// The PostgreSQL ledger applies concurrent writes in one transaction (a group
+/// commit). When one write of a group fails, the whole group is rolled back
+/// and every write in it is run alone: the others succeed, the bad one fails,
+/// and nothing is applied twice or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_failed_group_commit_is_rolled_back_and_its_writes_run_alone() {
+    let Some(fx) = Fx::postgres() else { return };
+    let l = fx.open(system()).await;
+    let k = key("key_group");
+    l.open_account(&k, Points(1000), Period::None, "admin", "")
+        .await
+        .unwrap();
+    // A chain id that the database refuses, as a stand-in for any failure.
+    fx.tamper(
+        "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.id = 'poison' THEN RAISE EXCEPTION 'poisoned chain'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER poison BEFORE INSERT ON chains FOR EACH ROW EXECUTE FUNCTION poison();",
+    )
+    .await;
+    let before = l.group_commits();
+    // Hold the account's row so that the ledger's first write waits in the
+    // database while the next ones queue up behind it.
+    let holder = pg_on_schema(&fx).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM accounts WHERE key = 'key_group' FOR UPDATE")
+        .await
+        .unwrap();
+    let xid: String = holder
+        .query_one("SELECT pg_current_xact_id()::xid::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let first = tokio::spawn({
+        let (l, k) = (l.clone(), k.clone());
+        async move { l.reserve(&k, Points(1), &tid("first")).await }
+    });
+    until_someone_waits_for(&pg_on_schema(&fx).await, &xid).await;
+    let ids: Vec<TransferId> = (0..40)
+        .map(|i| tid(&format!("good-{i}")))
+        .chain([tid("poison")])
+        .collect();
+    let mut queued: Vec<_> = ids
+        .iter()
+        .map(|id| Box::pin(l.reserve(&k, Points(1), id)))
+        .collect();
+    // A write is queued on its future's first poll.
+    for f in &mut queued {
+        assert!(futures_util::poll!(f.as_mut()).is_pending());
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    first.await.unwrap().expect("the first write");
+    let results = futures_util::future::join_all(queued).await;
+    for (id, r) in ids.iter().zip(&results) {
+        match (id.as_str(), r) {
+            ("poison", Err(LedgerError::Storage(msg))) => {
+                assert!(msg.contains("poisoned chain"), "{msg}")
+            }
+            ("poison", other) => panic!("the poisoned write: {other:?}"),
+            (_, r) => assert!(r.is_ok(), "{id}: {r:?}"),
+        }
+    }
+    let after = l.group_commits();
+    assert_eq!(
+        (
+            after.transactions - before.transactions,
+            after.writes - before.writes,
+            after.rollbacks - before.rollbacks
+        ),
+        (1, 1, 1),
+        "the first write alone, then one group of 41 rolled back"
+    );
+    let v = l.account(&k).await.unwrap();
+    assert_eq!((v.reserved, v.remaining), (Points(41), Points(959)));
+    assert_eq!(l.pending_count().await.unwrap(), 41);
+    assert_clean(&l).await;
+    fx.cleanup().await;
+}
+
+/// Two replicas, each grouping its writes, reserve and settle across 16 keys
+/// in an order of their own, and settle through the other replica: the groups
+/// lock accounts in key order, so none deadlocks (a deadlock would roll a
+/// group back), and every point is accounted for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_replicas_group_commit_over_many_keys_without_a_rollback() {
+    let Some(fx) = Fx::postgres() else { return };
+    let mut ledgers = Vec::new();
+    for name in ["replica-a", "replica-b"] {
+        let mut cfg = fx.cfg();
+        cfg.instance = Some(name.into());
+        cfg.pool_size = 8;
+        ledgers.push(fx.open_with(cfg, system()).await);
+    }
+    let keys: Vec<KeyId> = (0..16).map(|i| key(&format!("key_many_{i:02}"))).collect();
+    for k in &keys {
+        ledgers[0]
+            .open_account(k, Points(1_000_000), Period::None, "admin", "")
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for t in 0..64usize {
+        let (ledgers, keys) = (ledgers.clone(), keys.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut charged = 0u64;
+            for i in 0..40usize {
+                let k = &keys[(t * 7 + i * (t % 5 + 1)) % keys.len()];
+                let id = TransferId(format!("many-{t}-{i}"));
+                let points = Points(1 + (i % 3) as u64);
+                ledgers[t % 2]
+                    .reserve(k, points, &id)
+                    .await
+                    .expect("reserve");
+                let other = &ledgers[(t + 1) % 2];
+                if i % 3 == 0 {
+                    other.void(&id).await.expect("void");
+                } else {
+                    other.commit(&id, points).await.expect("commit");
+                    charged += points.get();
+                }
+            }
+            charged
+        }));
+    }
+    let mut charged = 0;
+    for t in tasks {
+        charged += t.await.unwrap();
+    }
+    let mut spent = 0;
+    for v in ledgers[0].accounts().await.unwrap() {
+        assert_eq!(v.reserved, Points(0), "{}", v.key);
+        spent += 1_000_000 - v.remaining.get();
+    }
+    assert_eq!(spent, charged);
+    assert_eq!(ledgers[0].pending_count().await.unwrap(), 0);
+    let stats: Vec<GroupCommitStats> = ledgers.iter().map(Ledger::group_commits).collect();
+    for s in &stats {
+        assert_eq!(s.rollbacks, 0, "{stats:?}");
+    }
+    let writes: u64 = stats.iter().map(|s| s.writes).sum();
+    let transactions: u64 = stats.iter().map(|s| s.transactions).sum();
+    assert_eq!(writes, 64 * 40 * 2, "{stats:?}");
+    assert!(transactions < writes / 2, "writes were grouped: {stats:?}");
+    assert_clean(&ledgers[0]).await;
     fx.cleanup().await;
 }
 

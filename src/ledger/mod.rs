@@ -46,6 +46,7 @@
 
 mod cli;
 mod idfilter;
+mod pgbatch;
 mod postgres;
 mod sqlite;
 
@@ -552,6 +553,17 @@ impl Ledger {
         }
     }
 
+    /// The group commits that applied the gate's writes so far (`/metrics`).
+    pub fn group_commits(&self) -> GroupCommitStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let g = dispatch!(self, b => b.group_commits());
+        GroupCommitStats {
+            transactions: g.transactions.load(Relaxed),
+            writes: g.writes.load(Relaxed),
+            rollbacks: g.rollbacks.load(Relaxed),
+        }
+    }
+
     /// How many reservations are pending.
     pub async fn pending_count(&self) -> Result<u64, LedgerError> {
         dispatch!(self, b => b.pending_count().await)
@@ -721,6 +733,40 @@ impl AdminOp {
 }
 
 /// A requested settlement.
+/// Counts of the group commits a backend made.
+#[derive(Debug, Default)]
+struct GroupCommits {
+    transactions: std::sync::atomic::AtomicU64,
+    writes: std::sync::atomic::AtomicU64,
+    rollbacks: std::sync::atomic::AtomicU64,
+}
+
+impl GroupCommits {
+    fn committed(&self, writes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.transactions.fetch_add(1, Relaxed);
+        self.writes.fetch_add(writes as u64, Relaxed);
+    }
+
+    fn rolled_back(&self) {
+        self.rollbacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The ledger's group commits since it opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommitStats {
+    /// Transactions that applied the gate's writes (reservations,
+    /// settlements, task registrations).
+    pub transactions: u64,
+    /// The writes in them; `writes / transactions` is the mean group.
+    pub writes: u64,
+    /// Group commits that failed and were rolled back (PostgreSQL: their
+    /// writes were then run one by one; SQLite: the ledger stopped).
+    pub rollbacks: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Settle {
     Commit(Points),

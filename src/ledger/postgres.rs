@@ -1,7 +1,10 @@
 //! The PostgreSQL ledger, for several gate replicas sharing budgets.
 //!
-//! Every mutation is ONE statement (data-modifying CTEs) in autocommit mode:
-//! one round trip, and atomic because a statement is. The reservation is the
+//! Every mutation is ONE statement (data-modifying CTEs), atomic because a
+//! statement is. The gate's hot writes -- reservations, commits, voids and
+//! task registrations -- go through `pgbatch`, which applies the ones that
+//! arrive together in one transaction (a group commit); the rest, and a write
+//! whose group was rolled back, run alone in autocommit. The reservation is the
 //! conditional `UPDATE accounts ... WHERE spent + reserved + $points <= budget`;
 //! the account row is locked first (`FOR UPDATE` in the first CTE) so that a
 //! due period reset and the spend it clears are read from the same, latest row
@@ -12,11 +15,12 @@
 //! A transition that finds nothing to change (the chain id already reserved,
 //! already settled) is then looked up to answer as a replay or a conflict.
 
+use super::pgbatch::{Batched, Batcher, Lock, Params, Stmt};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
-    Durability, IdemBegin, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved,
-    Settle, Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    Durability, GroupCommits, IdemBegin, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal,
+    Reserved, Settle, Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -123,6 +127,7 @@ WITH old AS (
         reserved = a.reserved + $3
     FROM eff
     WHERE a.key = eff.key AND eff.espent + a.reserved + $3 <= a.budget
+        AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.id = $1)
     RETURNING a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent
 ), ch AS (
     INSERT INTO chains (id, key, reserved, state, owner, created_ms)
@@ -133,8 +138,12 @@ WITH old AS (
         CASE WHEN do_reset THEN window_ms END, CASE WHEN do_reset THEN old_spent END, 'gate', '', $5
     FROM acc
 )
-SELECT e.budget, e.espent, e.reserved, a.budget AS nb, a.spent AS ns, a.reserved AS nr
+SELECT e.budget, e.espent, e.reserved, a.budget AS nb, a.spent AS ns, a.reserved AS nr,
+    EXISTS (SELECT 1 FROM chains c WHERE c.id = $1) AS taken
 FROM eff e LEFT JOIN acc a ON true";
+
+const PUT_TASK: &str = "INSERT INTO tasks (task_id, key, state, created_ms, checked_ms, record) \
+                        VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (task_id) DO NOTHING";
 
 const COMMIT: &str = "
 WITH ch AS (
@@ -289,9 +298,60 @@ pub(super) struct PgLedger {
     reserve_sql: String,
     commit_sql: String,
     refund_sql: String,
+    /// Group commit of reservations, commits, voids and task registrations.
+    batch: Batcher,
 }
 
 /// Verifies a PostgreSQL ledger without migrating it or resolving orphans.
+/// A reservation's answer from the rows of `RESERVE`: `None` when its id is
+/// taken (a replay to look up).
+fn reserved(rows: &[Row], key: &KeyId, points: Points) -> Result<Option<Reserved>, LedgerError> {
+    let row = rows
+        .first()
+        .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))?;
+    if row.try_get::<_, bool>("taken").map_err(pg)? {
+        return Ok(None);
+    }
+    let nb: Option<i64> = row.try_get("nb").map_err(pg)?;
+    let Some(b) = nb else {
+        let budget: i64 = row.try_get("budget").map_err(pg)?;
+        let spent: i64 = row.try_get("espent").map_err(pg)?;
+        let reserved: i64 = row.try_get("reserved").map_err(pg)?;
+        return Err(LedgerError::Insufficient {
+            needed: points,
+            remaining: Points(to_u64(
+                budget.saturating_sub(spent).saturating_sub(reserved),
+            )),
+        });
+    };
+    let s: i64 = row
+        .try_get::<_, Option<i64>>("ns")
+        .map_err(pg)?
+        .unwrap_or(0);
+    let r: i64 = row
+        .try_get::<_, Option<i64>>("nr")
+        .map_err(pg)?
+        .unwrap_or(0);
+    Ok(Some(Reserved {
+        key: key.clone(),
+        points,
+        remaining: Points(to_u64(b.saturating_sub(s).saturating_sub(r))),
+    }))
+}
+
+/// A settlement's answer from the row of `COMMIT`, `VOID` or `REFUND`.
+fn settled(row: &Row, id: &TransferId, how: Settle) -> Result<Settled, LedgerError> {
+    Ok(Settled {
+        key: KeyId(row.try_get("key").map_err(pg)?),
+        id: id.clone(),
+        kind: how.kind(),
+        points: Points(to_u64(row.try_get("points").map_err(pg)?)),
+        overage: Points(to_u64(row.try_get("overage").map_err(pg)?)),
+        remaining: Points(to_u64(row.try_get("remaining").map_err(pg)?)),
+        replay: false,
+    })
+}
+
 pub(super) async fn verify_url(cfg: &LedgerConfig) -> Result<VerifyReport, LedgerError> {
     let mut cfg = cfg.clone();
     cfg.pool_size = 1;
@@ -351,6 +411,17 @@ impl PgLedger {
             .max_size(cfg.pool_size.max(1))
             .build()
             .map_err(pool_err)?;
+        let reserve_sql = with_periods(RESERVE, "$6", "$7", "$8");
+        let commit_sql = with_periods(COMMIT, "$4", "$5", "$6");
+        let batch = Batcher::start(
+            pool.clone(),
+            [
+                reserve_sql.clone(),
+                commit_sql.clone(),
+                VOID.to_owned(),
+                PUT_TASK.to_owned(),
+            ],
+        );
         Ok(PgLedger {
             pool,
             clock,
@@ -358,9 +429,10 @@ impl PgLedger {
             policy: cfg.pending_policy,
             ttl_ms: i64::try_from(cfg.pending_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
             owner: cfg.instance_name(),
-            reserve_sql: with_periods(RESERVE, "$6", "$7", "$8"),
-            commit_sql: with_periods(COMMIT, "$4", "$5", "$6"),
+            reserve_sql,
+            commit_sql,
             refund_sql: with_periods(REFUND, "$3", "$4", "$5"),
+            batch,
         })
     }
 
@@ -594,6 +666,44 @@ impl PgLedger {
         let p = to_i64(points.get())?;
         let now = now_ms(&self.clock);
         let [d, w, m] = self.windows(now);
+        let params: Params = vec![
+            Box::new(id.as_str().to_owned()),
+            Box::new(key.as_str().to_owned()),
+            Box::new(p),
+            Box::new(self.owner.clone()),
+            Box::new(now),
+            Box::new(d),
+            Box::new(w),
+            Box::new(m),
+        ];
+        match self
+            .batch
+            .run(
+                Stmt::Reserve,
+                params,
+                Lock::Account(key.as_str().to_owned()),
+            )
+            .await
+        {
+            Ok(rows) => match reserved(&rows, key, points)? {
+                Some(r) => Ok(r),
+                None => self.reserve_replay(key, id).await,
+            },
+            Err(Batched::Alone) => self.reserve_alone(key, points, id).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A reservation by itself, in autocommit (after its batch was rolled back).
+    async fn reserve_alone(
+        &self,
+        key: &KeyId,
+        points: Points,
+        id: &TransferId,
+    ) -> Result<Reserved, LedgerError> {
+        let p = to_i64(points.get())?;
+        let now = now_ms(&self.clock);
+        let [d, w, m] = self.windows(now);
         let client = self.client().await?;
         let stmt = client.prepare_cached(&self.reserve_sql).await.map_err(pg)?;
         let res = client
@@ -611,61 +721,88 @@ impl PgLedger {
                 ],
             )
             .await;
-        let rows = match res {
-            Ok(rows) => rows,
-            Err(e) if is_unique_violation(&e) => {
-                // The id is taken: a replay (or a misuse with another key).
-                let row = client
-                    .query_opt(
-                        "SELECT key, points, remaining FROM transfers WHERE id = $1 AND kind = 'reserve'",
-                        &[&id.as_str()],
-                    )
-                    .await
-                    .map_err(pg)?
-                    .ok_or_else(|| LedgerError::Conflict(format!("transfer {id} is taken")))?;
-                let stored_key: String = row.try_get(0).map_err(pg)?;
-                return super::sqlite::reserve_replay(
-                    key,
-                    id,
-                    &stored_key,
-                    to_u64(row.try_get(1).map_err(pg)?),
-                    to_u64(row.try_get(2).map_err(pg)?),
-                );
-            }
-            Err(e) => return Err(pg(e)),
-        };
-        let row = rows
-            .first()
-            .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))?;
-        let nb: Option<i64> = row.try_get("nb").map_err(pg)?;
-        if nb.is_none() {
-            let budget: i64 = row.try_get("budget").map_err(pg)?;
-            let spent: i64 = row.try_get("espent").map_err(pg)?;
-            let reserved: i64 = row.try_get("reserved").map_err(pg)?;
-            return Err(LedgerError::Insufficient {
-                needed: points,
-                remaining: Points(to_u64(
-                    budget.saturating_sub(spent).saturating_sub(reserved),
-                )),
-            });
+        drop(client);
+        match res {
+            Ok(rows) => match reserved(&rows, key, points)? {
+                Some(r) => Ok(r),
+                None => self.reserve_replay(key, id).await,
+            },
+            // Another replica inserted the same id after this statement's snapshot.
+            Err(e) if is_unique_violation(&e) => self.reserve_replay(key, id).await,
+            Err(e) => Err(pg(e)),
         }
-        let b = nb.unwrap_or(0);
-        let s: i64 = row
-            .try_get::<_, Option<i64>>("ns")
+    }
+
+    /// The id is taken: a replay (or a misuse with another key).
+    async fn reserve_replay(&self, key: &KeyId, id: &TransferId) -> Result<Reserved, LedgerError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT key, points, remaining FROM transfers WHERE id = $1 AND kind = 'reserve'",
+                &[&id.as_str()],
+            )
+            .await
             .map_err(pg)?
-            .unwrap_or(0);
-        let r: i64 = row
-            .try_get::<_, Option<i64>>("nr")
-            .map_err(pg)?
-            .unwrap_or(0);
-        Ok(Reserved {
-            key: key.clone(),
-            points,
-            remaining: Points(to_u64(b.saturating_sub(s).saturating_sub(r))),
-        })
+            .ok_or_else(|| LedgerError::Conflict(format!("transfer {id} is taken")))?;
+        let stored_key: String = row.try_get(0).map_err(pg)?;
+        super::sqlite::reserve_replay(
+            key,
+            id,
+            &stored_key,
+            to_u64(row.try_get(1).map_err(pg)?),
+            to_u64(row.try_get(2).map_err(pg)?),
+        )
     }
 
     pub(super) async fn settle(
+        &self,
+        id: &TransferId,
+        how: Settle,
+        actor: &str,
+        note: &str,
+    ) -> Result<Settled, LedgerError> {
+        let now = now_ms(&self.clock);
+        let [d, w, m] = self.windows(now);
+        let chain = || Lock::Chain(id.as_str().to_owned());
+        let batched = match how {
+            Settle::Commit(p) => {
+                let params: Params = vec![
+                    Box::new(id.as_str().to_owned()),
+                    Box::new(to_i64(p.get())?),
+                    Box::new(now),
+                    Box::new(d),
+                    Box::new(w),
+                    Box::new(m),
+                    Box::new(actor.to_owned()),
+                    Box::new(note.to_owned()),
+                ];
+                Some(self.batch.run(Stmt::Commit, params, chain()).await)
+            }
+            Settle::Void => {
+                let params: Params = vec![
+                    Box::new(id.as_str().to_owned()),
+                    Box::new(now),
+                    Box::new(actor.to_owned()),
+                    Box::new(note.to_owned()),
+                ];
+                Some(self.batch.run(Stmt::Void, params, chain()).await)
+            }
+            Settle::Refund => None,
+        };
+        match batched {
+            Some(Ok(rows)) => match rows.first() {
+                Some(row) => settled(row, id, how),
+                // Not pending (a replay, a conflict) or no such chain: the
+                // one-statement path finds out which.
+                None => self.settle_alone(id, how, actor, note).await,
+            },
+            Some(Err(Batched::Failed(e))) => Err(LedgerError::Storage(e)),
+            Some(Err(Batched::Alone)) | None => self.settle_alone(id, how, actor, note).await,
+        }
+    }
+
+    async fn settle_alone(
         &self,
         id: &TransferId,
         how: Settle,
@@ -701,15 +838,7 @@ impl PgLedger {
             }
             .map_err(pg)?;
             if let Some(row) = rows.first() {
-                return Ok(Settled {
-                    key: KeyId(row.try_get("key").map_err(pg)?),
-                    id: id.clone(),
-                    kind: how.kind(),
-                    points: Points(to_u64(row.try_get("points").map_err(pg)?)),
-                    overage: Points(to_u64(row.try_get("overage").map_err(pg)?)),
-                    remaining: Points(to_u64(row.try_get("remaining").map_err(pg)?)),
-                    replay: false,
-                });
+                return settled(row, id, how);
             }
             let Some(state_row) = client
                 .query_opt("SELECT state FROM chains WHERE id = $1", &[&id.as_str()])
@@ -806,6 +935,10 @@ impl PgLedger {
             .await
             .map_err(pg)?;
         Ok(out)
+    }
+
+    pub(super) fn group_commits(&self) -> &GroupCommits {
+        self.batch.commits()
     }
 
     pub(super) async fn pending_count(&self) -> Result<u64, LedgerError> {
@@ -1150,22 +1283,34 @@ impl PgLedger {
     pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
         let json = serde_json::to_string(rec).map_err(|e| LedgerError::Storage(e.to_string()))?;
         let created = rec.created_at.timestamp_millis();
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO tasks (task_id, key, state, created_ms, checked_ms, record) \
-                 VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (task_id) DO NOTHING",
-                &[
-                    &rec.task_id,
-                    &rec.key.as_str(),
-                    &rec.state.as_str(),
-                    &created,
-                    &json,
-                ],
-            )
-            .await
-            .map_err(pg)?;
-        Ok(())
+        let params: Params = vec![
+            Box::new(rec.task_id.clone()),
+            Box::new(rec.key.as_str().to_owned()),
+            Box::new(rec.state.as_str()),
+            Box::new(created),
+            Box::new(json.clone()),
+        ];
+        match self.batch.run(Stmt::Task, params, Lock::None).await {
+            Ok(_) => Ok(()),
+            Err(Batched::Failed(e)) => Err(LedgerError::Storage(e)),
+            Err(Batched::Alone) => {
+                self.client()
+                    .await?
+                    .execute(
+                        PUT_TASK,
+                        &[
+                            &rec.task_id,
+                            &rec.key.as_str(),
+                            &rec.state.as_str(),
+                            &created,
+                            &json,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?;
+                Ok(())
+            }
+        }
     }
 
     pub(super) async fn task(&self, id: &str) -> Result<Option<TaskRecord>, LedgerError> {

@@ -18,9 +18,9 @@
 use super::idfilter::IdFilter;
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for, AccountRow,
-    AccountState, AccountView, AdminOp, ChainRow, ChainState, Durability, IdemBegin, LedgerConfig,
-    LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle, SettleKind, Settled,
-    StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    AccountState, AccountView, AdminOp, ChainRow, ChainState, Durability, GroupCommits, IdemBegin,
+    LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle, SettleKind,
+    Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -293,6 +293,7 @@ pub(super) struct SqliteLedger {
     _writer_lock: Mutex<Connection>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     fail: Arc<FailStop>,
+    commits: Arc<GroupCommits>,
     readers: Arc<Readers>,
     /// For `keys_page`; a plain mutex, as a page is one short query.
     key_reader: Mutex<Connection>,
@@ -567,6 +568,7 @@ fn writer_loop(
     rx: mpsc::Receiver<Job>,
     chains: Arc<DashMap<TransferId, Chain>>,
     fail: Arc<FailStop>,
+    commits: &GroupCommits,
 ) {
     let mut last_checkpoint = std::time::Instant::now();
     while let Ok(first) = rx.recv() {
@@ -587,6 +589,7 @@ fn writer_loop(
         }
         match write_batch(&mut conn, batch) {
             Ok(done) => {
+                commits.committed(done.len());
                 for (durable, finish) in done {
                     if let Some((id, version)) = durable {
                         if let Some(mut c) = chains.get_mut(&id) {
@@ -599,6 +602,7 @@ fn writer_loop(
             Err((e, batch)) => {
                 tracing::error!(error = %e, "ledger batch failed to commit; stopping the ledger");
                 fail.trip(&e);
+                commits.rolled_back();
                 finish_all(batch, Err(e));
             }
         }
@@ -926,10 +930,12 @@ impl SqliteLedger {
 
         let chains = Arc::new(DashMap::new());
         let fail = Arc::new(FailStop::default());
+        let commits = Arc::new(GroupCommits::default());
         let (tx, rx) = mpsc::channel();
         let writer = {
             let chains = Arc::clone(&chains);
             let fail = Arc::clone(&fail);
+            let commits = Arc::clone(&commits);
             std::thread::Builder::new()
                 .name("ledger-writer".into())
                 .spawn(move || {
@@ -945,7 +951,7 @@ impl SqliteLedger {
                                 tracing::warn!(error = %e, "no ledger WAL flusher thread");
                             }
                         }
-                        writer_loop(writer_conn, rx, chains, Arc::clone(&fail));
+                        writer_loop(writer_conn, rx, chains, Arc::clone(&fail), &commits);
                         stop.store(true, Ordering::Release);
                     })
                 })
@@ -963,6 +969,7 @@ impl SqliteLedger {
             _writer_lock: Mutex::new(writer_lock),
             writer: Mutex::new(Some(writer)),
             fail,
+            commits,
             readers: Arc::new(Readers {
                 conns: readers,
                 next: AtomicUsize::new(0),
@@ -1621,6 +1628,10 @@ impl SqliteLedger {
             self.chains.shrink_to_fit();
         }
         Ok(())
+    }
+
+    pub(super) fn group_commits(&self) -> &GroupCommits {
+        &self.commits
     }
 
     pub(super) async fn pending_count(&self) -> Result<u64, LedgerError> {
