@@ -35,10 +35,9 @@ use tokio_postgres::Row;
 /// At most this many jobs in one transaction.
 const MAX_BATCH: usize = 128;
 
-/// Locks every account of a batch, in key order, before any job runs. Accounts
-/// are named by key (reservations) or by the chain being settled.
-const LOCK_ACCOUNTS: &str = "SELECT 1 FROM accounts WHERE key = ANY($1::text[]) \
-    OR key IN (SELECT key FROM chains WHERE id = ANY($2::text[])) ORDER BY key FOR UPDATE OF accounts";
+/// Locks every account of a batch, in key order, before any job runs.
+const LOCK_ACCOUNTS: &str =
+    "SELECT 1 FROM accounts WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE";
 
 /// Which statement a job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,10 +50,8 @@ pub(super) enum Stmt {
 
 /// The account a job locks, for the batch's lock statement.
 pub(super) enum Lock {
-    /// A reservation: the account's key.
+    /// The account's key.
     Account(String),
-    /// A settlement: the chain's id (its account is looked up).
-    Chain(String),
     /// No account row (a task registration).
     None,
 }
@@ -206,21 +203,19 @@ async fn run_batch(pool: &Pool, sql: &Sql, jobs: &[Job]) -> Result<Vec<Vec<Row>>
                 Batched::Alone
             });
     }
-    let mut keys: Vec<&str> = Vec::new();
-    let mut chains: Vec<&str> = Vec::new();
-    for j in jobs {
-        match &j.lock {
-            Lock::Account(k) => keys.push(k),
-            Lock::Chain(c) => chains.push(c),
-            Lock::None => {}
-        }
-    }
+    let keys: Vec<&str> = jobs
+        .iter()
+        .filter_map(|j| match &j.lock {
+            Lock::Account(k) => Some(k.as_str()),
+            Lock::None => None,
+        })
+        .collect();
     let lock = client
         .prepare_cached(LOCK_ACCOUNTS)
         .await
         .map_err(|_| Batched::Alone)?;
     let begin = client.batch_execute("BEGIN");
-    let lock_params: [&(dyn ToSql + Sync); 2] = [&keys, &chains];
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&keys];
     let locked = client.query(&lock, &lock_params);
     let mut pending: Vec<Pending<'_>> = jobs
         .iter()

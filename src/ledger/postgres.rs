@@ -300,6 +300,9 @@ pub(super) struct PgLedger {
     refund_sql: String,
     /// Group commit of reservations, commits, voids and task registrations.
     batch: Batcher,
+    /// The account of each chain this instance reserved and has not settled,
+    /// for the group's lock order without asking the database.
+    chain_keys: dashmap::DashMap<String, String>,
 }
 
 /// Verifies a PostgreSQL ledger without migrating it or resolving orphans.
@@ -433,6 +436,7 @@ impl PgLedger {
             commit_sql,
             refund_sql: with_periods(REFUND, "$3", "$4", "$5"),
             batch,
+            chain_keys: dashmap::DashMap::new(),
         })
     }
 
@@ -686,7 +690,11 @@ impl PgLedger {
             .await
         {
             Ok(rows) => match reserved(&rows, key, points)? {
-                Some(r) => Ok(r),
+                Some(r) => {
+                    self.chain_keys
+                        .insert(id.as_str().to_owned(), key.as_str().to_owned());
+                    Ok(r)
+                }
                 None => self.reserve_replay(key, id).await,
             },
             Err(Batched::Alone) => self.reserve_alone(key, points, id).await,
@@ -762,9 +770,28 @@ impl PgLedger {
         actor: &str,
         note: &str,
     ) -> Result<Settled, LedgerError> {
+        if matches!(how, Settle::Refund) {
+            return self.settle_alone(id, how, actor, note).await;
+        }
+        // The chain's account: known if this instance reserved it, else read.
+        let key = match self.chain_keys.remove(id.as_str()) {
+            Some((_, key)) => key,
+            None => {
+                let row = self
+                    .client()
+                    .await?
+                    .query_opt("SELECT key FROM chains WHERE id = $1", &[&id.as_str()])
+                    .await
+                    .map_err(pg)?;
+                match row {
+                    Some(row) => row.try_get(0).map_err(pg)?,
+                    None => return self.settle_alone(id, how, actor, note).await,
+                }
+            }
+        };
+        let chain = || Lock::Account(key.clone());
         let now = now_ms(&self.clock);
         let [d, w, m] = self.windows(now);
-        let chain = || Lock::Chain(id.as_str().to_owned());
         let batched = match how {
             Settle::Commit(p) => {
                 let params: Params = vec![
