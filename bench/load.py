@@ -779,10 +779,11 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
         (r for r in rows if r.max and "keys round-robin" in r.target), None)
     if one and many:
         out.append(
-            f"PostgreSQL: with one key every reservation and commit updates the same account row, "
-            f"so they queue on its row lock ({one.max.rps:,.0f} req/s); spread over {a.pg_keys} keys "
-            f"the same gate does {many.max.rps:,.0f} req/s. The PostgreSQL server runs on the same 2 "
-            f"cores."
+            f"PostgreSQL: with one key every reservation and commit updates the same account row; "
+            f"the gate applies the writes that arrive together in one transaction (a group commit, "
+            f"`src/ledger/pgbatch.rs`), so they share its row lock and its WAL flush "
+            f"({one.max.rps:,.0f} req/s); spread over {a.pg_keys} keys the same gate does "
+            f"{many.max.rps:,.0f} req/s. The PostgreSQL server runs on the same 2 cores."
         )
         out.append("")
     after = m.get("sql_after")
