@@ -770,9 +770,34 @@ impl PgLedger {
         actor: &str,
         note: &str,
     ) -> Result<Settled, LedgerError> {
-        if matches!(how, Settle::Refund) {
-            return self.settle_alone(id, how, actor, note).await;
-        }
+        let now = now_ms(&self.clock);
+        let [d, w, m] = self.windows(now);
+        let (stmt, params): (Stmt, Params) = match how {
+            Settle::Commit(p) => (
+                Stmt::Commit,
+                vec![
+                    Box::new(id.as_str().to_owned()),
+                    Box::new(to_i64(p.get())?),
+                    Box::new(now),
+                    Box::new(d),
+                    Box::new(w),
+                    Box::new(m),
+                    Box::new(actor.to_owned()),
+                    Box::new(note.to_owned()),
+                ],
+            ),
+            Settle::Void => (
+                Stmt::Void,
+                vec![
+                    Box::new(id.as_str().to_owned()),
+                    Box::new(now),
+                    Box::new(actor.to_owned()),
+                    Box::new(note.to_owned()),
+                ],
+            ),
+            // Refunds come from task checks, one at a time: not grouped.
+            Settle::Refund => return self.settle_alone(id, how, actor, note).await,
+        };
         // The chain's account: known if this instance reserved it, else read.
         let key = match self.chain_keys.remove(id.as_str()) {
             Some((_, key)) => key,
@@ -789,43 +814,15 @@ impl PgLedger {
                 }
             }
         };
-        let chain = || Lock::Account(key.clone());
-        let now = now_ms(&self.clock);
-        let [d, w, m] = self.windows(now);
-        let batched = match how {
-            Settle::Commit(p) => {
-                let params: Params = vec![
-                    Box::new(id.as_str().to_owned()),
-                    Box::new(to_i64(p.get())?),
-                    Box::new(now),
-                    Box::new(d),
-                    Box::new(w),
-                    Box::new(m),
-                    Box::new(actor.to_owned()),
-                    Box::new(note.to_owned()),
-                ];
-                Some(self.batch.run(Stmt::Commit, params, chain()).await)
-            }
-            Settle::Void => {
-                let params: Params = vec![
-                    Box::new(id.as_str().to_owned()),
-                    Box::new(now),
-                    Box::new(actor.to_owned()),
-                    Box::new(note.to_owned()),
-                ];
-                Some(self.batch.run(Stmt::Void, params, chain()).await)
-            }
-            Settle::Refund => None,
-        };
-        match batched {
-            Some(Ok(rows)) => match rows.first() {
+        match self.batch.run(stmt, params, Lock::Account(key)).await {
+            Ok(rows) => match rows.first() {
                 Some(row) => settled(row, id, how),
                 // Not pending (a replay, a conflict) or no such chain: the
                 // one-statement path finds out which.
                 None => self.settle_alone(id, how, actor, note).await,
             },
-            Some(Err(Batched::Failed(e))) => Err(LedgerError::Storage(e)),
-            Some(Err(Batched::Alone)) | None => self.settle_alone(id, how, actor, note).await,
+            Err(Batched::Failed(e)) => Err(LedgerError::Storage(e)),
+            Err(Batched::Alone) => self.settle_alone(id, how, actor, note).await,
         }
     }
 
