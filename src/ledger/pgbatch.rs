@@ -11,6 +11,10 @@
 //! - **Lock order.** Every batch locks its accounts in ascending key order before
 //!   anything else, so batches of different replicas cannot deadlock on them; the
 //!   other writers (admin changes, refunds) lock one account per transaction.
+//!   The lock statement takes account keys only: a settlement's caller names
+//!   the chain's account (`PgLedger` remembers it from the reservation, or reads
+//!   it), because a lookup in `chains` inside the lock statement slowed down as
+//!   that table grew (docs/benchmarks.md, "PostgreSQL group commit").
 //! - **All or nothing.** Jobs see each other's effects in arrival order, as they
 //!   would one after another. If any statement fails (a deadlock with a refund, a
 //!   race on a chain id with another replica, a lost connection), the batch is
