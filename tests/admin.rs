@@ -244,6 +244,20 @@ async fn metrics_count_requests_by_endpoint_and_decision() {
     assert!(text.contains(",kind=\"reserved\"} 12"), "{text}");
     assert!(text.contains("gate_reservations_in_flight 0"));
     assert!(text.contains("gate_price_drift_requests_total 0"));
+    // The ledger's group commits: the admitted draw alone wrote its reservation,
+    // its commit and its task; the refused one wrote nothing.
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let (transactions, writes) = (
+        counter("gate_ledger_transactions_total"),
+        counter("gate_ledger_writes_total"),
+    );
+    assert!(writes >= 3, "{text}");
+    assert!((1..=writes).contains(&transactions), "{text}");
+    assert_eq!(counter("gate_ledger_rollbacks_total"), 0);
 }
 
 #[tokio::test]
