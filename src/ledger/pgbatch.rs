@@ -62,6 +62,14 @@ pub(super) enum Lock {
 
 pub(super) type Params = Vec<Box<dyn ToSql + Sync + Send>>;
 
+/// `params` as tokio-postgres takes them.
+pub(super) fn refs(params: &Params) -> Vec<&(dyn ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect()
+}
+
 /// Why a job came back without rows.
 #[derive(Debug, Clone)]
 pub(super) enum Batched {
@@ -187,15 +195,7 @@ async fn run_batch(pool: &Pool, sql: &Sql, jobs: &[Job]) -> Result<Vec<Vec<Row>>
             Batched::Alone
         })?);
     }
-    let params: Vec<Vec<&(dyn ToSql + Sync)>> = jobs
-        .iter()
-        .map(|j| {
-            j.params
-                .iter()
-                .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-                .collect()
-        })
-        .collect();
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = jobs.iter().map(|j| refs(&j.params)).collect();
     if let [job] = jobs {
         // Alone in the queue: one autocommit statement.
         return client

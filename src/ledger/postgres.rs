@@ -15,7 +15,7 @@
 //! A transition that finds nothing to change (the chain id already reserved,
 //! already settled) is then looked up to answer as a replay or a conflict.
 
-use super::pgbatch::{Batched, Batcher, Lock, Params, Stmt};
+use super::pgbatch::{refs, Batched, Batcher, Lock, Params, Stmt};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
@@ -543,6 +543,63 @@ impl PgLedger {
             .map(|p| window_start_ms(p, self.tz, now).unwrap_or(0))
     }
 
+    /// The parameters of `RESERVE`, as of now.
+    fn reserve_params(
+        &self,
+        key: &KeyId,
+        points: Points,
+        id: &TransferId,
+    ) -> Result<Params, LedgerError> {
+        let now = now_ms(&self.clock);
+        let [d, w, m] = self.windows(now);
+        Ok(vec![
+            Box::new(id.as_str().to_owned()),
+            Box::new(key.as_str().to_owned()),
+            Box::new(to_i64(points.get())?),
+            Box::new(self.owner.clone()),
+            Box::new(now),
+            Box::new(d),
+            Box::new(w),
+            Box::new(m),
+        ])
+    }
+
+    /// The parameters of `COMMIT`, `VOID` or `REFUND`, as of now.
+    fn settle_params(
+        &self,
+        id: &TransferId,
+        how: Settle,
+        actor: &str,
+        note: &str,
+    ) -> Result<Params, LedgerError> {
+        let now = now_ms(&self.clock);
+        let [d, w, m] = self.windows(now);
+        let id = Box::new(id.as_str().to_owned());
+        let (actor, note) = (Box::new(actor.to_owned()), Box::new(note.to_owned()));
+        Ok(match how {
+            Settle::Commit(p) => vec![
+                id,
+                Box::new(to_i64(p.get())?),
+                Box::new(now),
+                Box::new(d),
+                Box::new(w),
+                Box::new(m),
+                actor,
+                note,
+            ],
+            Settle::Void => vec![id, Box::new(now), actor, note],
+            Settle::Refund => vec![
+                id,
+                Box::new(now),
+                Box::new(d),
+                Box::new(w),
+                Box::new(m),
+                actor,
+                note,
+            ],
+        })
+    }
+
     pub(super) async fn admin(
         &self,
         key: &KeyId,
@@ -667,19 +724,7 @@ impl PgLedger {
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
-        let p = to_i64(points.get())?;
-        let now = now_ms(&self.clock);
-        let [d, w, m] = self.windows(now);
-        let params: Params = vec![
-            Box::new(id.as_str().to_owned()),
-            Box::new(key.as_str().to_owned()),
-            Box::new(p),
-            Box::new(self.owner.clone()),
-            Box::new(now),
-            Box::new(d),
-            Box::new(w),
-            Box::new(m),
-        ];
+        let params = self.reserve_params(key, points, id)?;
         match self
             .batch
             .run(
@@ -709,26 +754,10 @@ impl PgLedger {
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
-        let p = to_i64(points.get())?;
-        let now = now_ms(&self.clock);
-        let [d, w, m] = self.windows(now);
+        let params = self.reserve_params(key, points, id)?;
         let client = self.client().await?;
         let stmt = client.prepare_cached(&self.reserve_sql).await.map_err(pg)?;
-        let res = client
-            .query(
-                &stmt,
-                &[
-                    &id.as_str(),
-                    &key.as_str(),
-                    &p,
-                    &self.owner,
-                    &now,
-                    &d,
-                    &w,
-                    &m,
-                ],
-            )
-            .await;
+        let res = client.query(&stmt, &refs(&params)).await;
         drop(client);
         match res {
             Ok(rows) => match reserved(&rows, key, points)? {
@@ -770,34 +799,13 @@ impl PgLedger {
         actor: &str,
         note: &str,
     ) -> Result<Settled, LedgerError> {
-        let now = now_ms(&self.clock);
-        let [d, w, m] = self.windows(now);
-        let (stmt, params): (Stmt, Params) = match how {
-            Settle::Commit(p) => (
-                Stmt::Commit,
-                vec![
-                    Box::new(id.as_str().to_owned()),
-                    Box::new(to_i64(p.get())?),
-                    Box::new(now),
-                    Box::new(d),
-                    Box::new(w),
-                    Box::new(m),
-                    Box::new(actor.to_owned()),
-                    Box::new(note.to_owned()),
-                ],
-            ),
-            Settle::Void => (
-                Stmt::Void,
-                vec![
-                    Box::new(id.as_str().to_owned()),
-                    Box::new(now),
-                    Box::new(actor.to_owned()),
-                    Box::new(note.to_owned()),
-                ],
-            ),
+        let stmt = match how {
+            Settle::Commit(_) => Stmt::Commit,
+            Settle::Void => Stmt::Void,
             // Refunds come from task checks, one at a time: not grouped.
             Settle::Refund => return self.settle_alone(id, how, actor, note).await,
         };
+        let params = self.settle_params(id, how, actor, note)?;
         // The chain's account: known if this instance reserved it, else read.
         let key = match self.chain_keys.remove(id.as_str()) {
             Some((_, key)) => key,
@@ -837,30 +845,14 @@ impl PgLedger {
         // A chain found still pending after a failed attempt means a concurrent
         // transaction touched it and rolled back; try again a few times.
         for _ in 0..3 {
-            let now = now_ms(&self.clock);
-            let [d, w, m] = self.windows(now);
-            let rows = match how {
-                Settle::Commit(p) => {
-                    let p = to_i64(p.get())?;
-                    let stmt = client.prepare_cached(&self.commit_sql).await.map_err(pg)?;
-                    client
-                        .query(&stmt, &[&id.as_str(), &p, &now, &d, &w, &m, &actor, &note])
-                        .await
-                }
-                Settle::Void => {
-                    let stmt = client.prepare_cached(VOID).await.map_err(pg)?;
-                    client
-                        .query(&stmt, &[&id.as_str(), &now, &actor, &note])
-                        .await
-                }
-                Settle::Refund => {
-                    let stmt = client.prepare_cached(&self.refund_sql).await.map_err(pg)?;
-                    client
-                        .query(&stmt, &[&id.as_str(), &now, &d, &w, &m, &actor, &note])
-                        .await
-                }
-            }
-            .map_err(pg)?;
+            let sql = match how {
+                Settle::Commit(_) => &self.commit_sql,
+                Settle::Void => VOID,
+                Settle::Refund => &self.refund_sql,
+            };
+            let params = self.settle_params(id, how, actor, note)?;
+            let stmt = client.prepare_cached(sql).await.map_err(pg)?;
+            let rows = client.query(&stmt, &refs(&params)).await.map_err(pg)?;
             if let Some(row) = rows.first() {
                 return settled(row, id, how);
             }
