@@ -14,9 +14,12 @@ default, leaving every process it started stopped):
 2. Starts `chuzhan-gate sim --task-ms 0` (the 触站 simulator in zero-latency mode).
 3. For each target -- the simulator direct, the gate with the embedded SQLite ledger and
    the audit log, the gate with the PostgreSQL ledger (a fresh schema per run), nginx as
-   a plain pass-through proxy -- drives `POST /aiapi/v1/draw` with a small JSON body:
+   a plain pass-through proxy, and the gate's HTTP stack alone (examples/bare_proxy.rs:
+   hyper + reqwest + tokio with none of the gate's work, built like the gate unless
+   --bare is given) -- drives `POST /aiapi/v1/draw` with a small JSON body:
    a) maximum requests/second: wrk, --connections (64) connections, --seconds (10 s),
-      after a 2 s warm-up;
+      after a 2 s warm-up, and the proxy's own CPU per request over that run (utime +
+      stime of its processes, from /proc: not the load generator's or the simulator's);
    b) latency at a fixed rate: oha -q RATE with latency correction (coordinated
       omission), same connections and duration, --repeats times (median p99 kept),
       where RATE is half of that gate's maximum; the simulator direct is measured at the same rates, and "added latency"
@@ -54,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+BARE_ROW = "hyper + reqwest pass-through, nothing else (`examples/bare_proxy.rs`)"
 DRAW_PATH = "/aiapi/v1/draw"
 # A small, valid txt2img body (a few points at the provider's formula).
 DRAW_BODY = (
@@ -157,6 +161,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its children (nginx's workers under its master)."""
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += cpu_seconds(int(child))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return total
+
+
 # ---------------------------------------------------------------- load generators
 
 
@@ -167,6 +183,7 @@ class MaxResult:
     errors: str
     p50_ms: float | None = None
     p99_ms: float | None = None
+    cpu_us: float | None = None  # the server's CPU per request (µs), when its pid was given
 
 
 @dataclass
@@ -469,16 +486,21 @@ class Row:
     note: str = ""
 
 
-def measure_max(name: str, url: str, token: str | list[str], sim: Sim, a, tmp: Path) -> tuple[MaxResult, str]:
+def measure_max(name: str, url: str, token: str | list[str], sim: Sim, a, tmp: Path,
+                server_pid: int | None = None) -> tuple[MaxResult, str]:
     run_wrk(url, token, a.connections, 2, tmp)  # warm-up: pools, caches, page faults
     before = sim.accepted_draws()
+    cpu_before = tree_cpu_seconds(server_pid) if server_pid else 0.0
     res = run_wrk(url, token, a.connections, a.seconds, tmp)
+    if server_pid and res.requests:
+        res.cpu_us = (tree_cpu_seconds(server_pid) - cpu_before) / res.requests * 1e6
     time.sleep(0.3)
     accepted = sim.accepted_draws() - before
     # wrk counts only complete answers; the ones cut at the end of the run may still
     # have reached the simulator, hence >=.
     ok = "all accepted" if accepted >= res.requests else f"only {accepted} of {res.requests} accepted upstream"
-    log(f"{name}: {res.rps:,.0f} req/s max ({res.requests} requests; {ok}; {res.errors or 'no errors'})")
+    cpu = f", {res.cpu_us:.0f} µs CPU per request" if res.cpu_us is not None else ""
+    log(f"{name}: {res.rps:,.0f} req/s max{cpu} ({res.requests} requests; {ok}; {res.errors or 'no errors'})")
     return res, ok
 
 
@@ -724,24 +746,27 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
         f"Request: `POST {DRAW_PATH}` with a {len(DRAW_BODY)}-byte JSON body (priced, reserved, "
         f"forwarded, committed, audited by the gate). Upstream: `chuzhan-gate sim --task-ms 0` "
         f"(answers at once). **Max** = wrk, {a.connections} connections, {a.seconds} s, after a "
-        f"2 s warm-up (the two SQLite rows: the median of {a.max_rounds} rounds taken in turn). "
+        f"2 s warm-up (the two SQLite rows: the median of {a.max_rounds} rounds taken in turn); "
+        f"**CPU/req** = the proxy's own CPU (its processes' utime + stime) per request of that run, "
+        f"in µs: not the load generator's or the simulator's. "
         f"**Latency** = oha at a fixed rate (`-q`, latency correction on), "
         f"{a.connections} connections, {a.seconds} s, at half of that gate's max, repeated {a.repeats}× "
         f"(the run with the median p99 is shown, with the range of the runs' p99 in brackets); the "
         f"simulator direct is measured at the same rates and *added* = gate − direct. Latencies in ms."
     )
     out.append("")
-    out.append("| target | max req/s | answers checked | fixed rate (req/s) | p50 | p99 | added p50 | added p99 |")
-    out.append("|---|---:|---|---:|---:|---:|---:|---:|")
+    out.append("| target | max req/s | CPU/req | answers checked | fixed rate (req/s) | p50 | p99 | added p50 | added p99 |")
+    out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         rates = sorted(r.rate) or [None]
         for i, rate in enumerate(rates):
             rr = r.rate.get(rate) if rate is not None else None
             base = direct.rate.get(rate) if (direct and rate is not None and r is not direct) else None
             first = i == 0
-            out.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 r.target if first else "″",
                 (f"{r.max.rps:,.0f}" if r.max else "–") if first else "",
+                (f"{r.max.cpu_us:.0f}" if r.max and r.max.cpu_us is not None else "–") if first else "",
                 (r.max_ok or r.note) if first else "",
                 f"{rate:,} (got {rr.achieved:,.0f})" if rr else "–",
                 fmt_ms(rr.p50_ms) if rr else "–",
@@ -786,6 +811,19 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
             f"{many.max.rps:,.0f} req/s. The PostgreSQL server runs on the same 2 cores."
         )
         out.append("")
+    bare, ngx_ = by.get(BARE_ROW.split(" (")[0]), by.get("nginx pass-through")
+    if bare and ngx_ and disk:
+        out.append(
+            f"The gate's stack alone: hyper + reqwest + tokio forwarding the same draws with none of "
+            f"the gate's work serves {bare.max.rps:,.0f} req/s, {bare.max.rps / ngx_.max.rps:.2f} of "
+            f"nginx's {ngx_.max.rps:,.0f}"
+            + (f", at {bare.max.cpu_us:.0f} µs of CPU per request against nginx's {ngx_.max.cpu_us:.0f}"
+               if bare.max.cpu_us is not None and ngx_.max.cpu_us is not None else "")
+            + f". The billed gate serves {disk.max.rps:,.0f} ({disk.max.rps / bare.max.rps:.2f} of the bare "
+            f"stack): the rest of the distance to nginx is the gate's own work (key check, pricing, two "
+            f"durable ledger writes, the task record, the audit records)."
+        )
+        out.append("")
     after = m.get("sql_after")
     if after:
         out.append(
@@ -824,7 +862,9 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
     aims = []
     if gate and gate.max and ngx and ngx.max:
         ok = gate.max.rps >= ngx.max.rps
-        aims.append(f"gate (SQLite) max ≥ nginx max: {'**met**' if ok else '**not met**'} ({gate.max.rps:,.0f} vs {ngx.max.rps:,.0f} req/s)")
+        aims.append(f"gate (SQLite) max ≥ nginx max: {'**met**' if ok else '**not met**'} ({gate.max.rps:,.0f} vs {ngx.max.rps:,.0f} req/s)"
+                    + (f"; the gate's HTTP stack alone, with no gate in it, does {bare.max.rps:,.0f}"
+                       if bare else ""))
     for r in rows:
         if r.target.startswith("gate") and r.rate and direct:
             rate = gate_rate_for.get(r.target)
@@ -871,6 +911,23 @@ def build(a) -> str:
     if not target.is_absolute():
         target = REPO / target
     b = target / "release" / "chuzhan-gate"
+    if not b.exists():
+        raise BenchError(f"no binary at {b}")
+    return str(b)
+
+
+def build_bare(a) -> str:
+    """examples/bare_proxy.rs, built in release mode like the gate (or --bare)."""
+    if a.bare:
+        return a.bare
+    log("cargo build --release --example bare_proxy")
+    r = subprocess.run(["cargo", "build", "--release", "--example", "bare_proxy"], cwd=REPO, timeout=a.deadline)
+    if r.returncode != 0:
+        raise BenchError("cargo build --release --example bare_proxy failed")
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    if not target.is_absolute():
+        target = REPO / target
+    b = target / "release" / "examples" / "bare_proxy"
     if not b.exists():
         raise BenchError(f"no binary at {b}")
     return str(b)
@@ -923,6 +980,8 @@ def main() -> int:
     ap.add_argument("--priority", action="store_true",
                     help="run everything at nice -10 (root), so that other work on the machine disturbs less")
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--bare", help="use this bare_proxy binary (examples/bare_proxy.rs) instead of building it")
+    ap.add_argument("--no-bare", action="store_true", help="skip the row of the gate's HTTP stack alone")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     ap.add_argument("--deadline", type=int, default=570, help="stop everything after this many seconds")
@@ -976,12 +1035,14 @@ def main() -> int:
         # A private copy: a rebuild in a shared target dir during the run must not
         # change the binary under the restart of the memory run.
         bin_ = str(shutil.copy2(build(a), tmp / "chuzhan-gate"))
+        bare = None if a.no_bare else str(shutil.copy2(build_bare(a), tmp / "bare_proxy"))
         t_start = time.monotonic()
         env_info = {"fsync_ms": fsync_ms(tmp), "load": os.getloadavg()[0], "priority": a.priority}
         sim = start_sim(procs, bin_, tmp)
         direct = Row("simulator direct")
         rows.append(direct)
-        direct.max, direct.max_ok = measure_max(direct.target, sim.url + DRAW_PATH, SIM_TOKEN, sim, a, tmp)
+        direct.max, direct.max_ok = measure_max(direct.target, sim.url + DRAW_PATH, SIM_TOKEN, sim, a, tmp,
+                                                  sim.proc.pid)
 
         # Gate, embedded SQLite ledger + audit log (the defaults: nothing to configure).
         g_sql = start_gate(procs, bin_, tmp, "sqlite", sim, {}, None)
@@ -1007,7 +1068,7 @@ def main() -> int:
         got: dict[str, list[tuple[MaxResult, str]]] = {r.target: [] for r, _ in pair}
         for _ in range(rounds):
             for r, g in pair:
-                got[r.target].append(measure_max(r.target, g.url + DRAW_PATH, g.key, sim, a, tmp))
+                got[r.target].append(measure_max(r.target, g.url + DRAW_PATH, g.key, sim, a, tmp, g.proc.pid))
         for r, _ in pair:
             runs = sorted(got[r.target], key=lambda x: x[0].rps)
             r.max, r.max_ok = runs[len(runs) // 2]
@@ -1038,7 +1099,8 @@ def main() -> int:
                 g_pg = start_gate(procs, bin_, tmp, "pg", sim, {"GATE_LEDGER_URL": a.pg_url}, cfg)
                 g_pg.key = create_key(g_pg, "bench", HUGE_BUDGET)
                 rows.append(row)
-                row.max, row.max_ok = measure_max(row.target, g_pg.url + DRAW_PATH, g_pg.key, sim, a, tmp)
+                row.max, row.max_ok = measure_max(row.target, g_pg.url + DRAW_PATH, g_pg.key, sim, a, tmp,
+                                                      g_pg.proc.pid)
                 rate_pg = max(1, int(row.max.rps / 2))
                 gate_rate_for[row.target] = rate_pg
                 row.rate[rate_pg] = measure_rate(row.target, g_pg.url + DRAW_PATH, g_pg.key, rate_pg, sim, a, oha)
@@ -1048,7 +1110,8 @@ def main() -> int:
                     many = Row(f"gate, PostgreSQL ledger + audit, {a.pg_keys} keys round-robin")
                     toks = [create_key(g_pg, f"bench-{i}", HUGE_BUDGET) for i in range(a.pg_keys)]
                     rows.append(many)
-                    many.max, many.max_ok = measure_max(many.target, g_pg.url + DRAW_PATH, toks, sim, a, tmp)
+                    many.max, many.max_ok = measure_max(many.target, g_pg.url + DRAW_PATH, toks, sim, a, tmp,
+                                                            g_pg.proc.pid)
                     many.note = (f"wrk latency at max load: p50 {fmt_ms(many.max.p50_ms)} ms, p99 "
                                  f"{fmt_ms(many.max.p99_ms)} ms (oha cannot vary the key, so no fixed-rate run)")
                 procs.stop(g_pg.proc, timeout=40)
@@ -1064,11 +1127,25 @@ def main() -> int:
             if started:
                 ngx, ngx_port = started
                 url = f"http://127.0.0.1:{ngx_port}{DRAW_PATH}"
-                row.max, row.max_ok = measure_max(row.target, url, "client-token", sim, a, tmp)
+                row.max, row.max_ok = measure_max(row.target, url, "client-token", sim, a, tmp, ngx.pid)
                 row.rate[rate_sql] = measure_rate(row.target, url, "client-token", rate_sql, sim, a, oha)
                 procs.stop(ngx, timeout=10)
             else:
                 row.note = "skipped: nginx is not installed"
+
+        # The gate's HTTP stack with none of the gate's work: how much of the distance
+        # to nginx is hyper + reqwest + tokio, and how much is billing.
+        if bare:
+            row = Row(BARE_ROW)
+            rows.append(row)
+            port = free_port()
+            p = procs.start("bare", [bare, f"127.0.0.1:{port}", sim.url],
+                            env=os.environ | {"BARE_PROXY_TOKEN": SIM_TOKEN}, log_path=tmp / "bare.log")
+            wait_tcp(port, 10, p)
+            url = f"http://127.0.0.1:{port}{DRAW_PATH}"
+            row.max, row.max_ok = measure_max(row.target, url, "client-token", sim, a, tmp, p.pid)
+            row.rate[rate_sql] = measure_rate(row.target, url, "client-token", rate_sql, sim, a, oha)
+            procs.stop(p, timeout=10)
 
         # The simulator direct at the same rates, for the added latency.
         for rate in sorted(set(gate_rate_for.values())):
