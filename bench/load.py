@@ -21,9 +21,11 @@ default, leaving every process it started stopped):
       after a 2 s warm-up, and the proxy's own CPU per request over that run (utime +
       stime of its processes, from /proc: not the load generator's or the simulator's);
    b) latency at a fixed rate: oha -q RATE with latency correction (coordinated
-      omission), same connections and duration, --repeats times (median p99 kept),
-      where RATE is half of that gate's maximum; the simulator direct is measured at the same rates, and "added latency"
-      is gate minus direct at the same rate.
+      omission), same connections and duration, where RATE is half of that gate's
+      maximum; --repeats rounds, each running every target measured at that rate once,
+      in turn (the simulator direct too), so that all of them see the same phases of the
+      machine; per target the run with the median p99 is kept, and "added latency" is
+      that target minus the simulator direct at the same rate.
    Each run's answers are checked: the simulator's own count of accepted draws must grow
    by the number of requests the load generator completed (the gate answers refusals
    with HTTP 200 like the upstream, so status codes alone prove nothing).
@@ -195,6 +197,7 @@ class RateResult:
     p99_ms: float
     success_rate: float
     p99_runs: list[float] = field(default_factory=list)
+    rounds: list["RateResult"] = field(default_factory=list)  # every run, in round order
 
 
 def wrk_script(tmp: Path, token: str) -> Path:
@@ -504,24 +507,29 @@ def measure_max(name: str, url: str, token: str | list[str], sim: Sim, a, tmp: P
     return res, ok
 
 
-def measure_rate(name: str, url: str, token: str, rate: int, sim: Sim, a, oha: str) -> RateResult:
-    """a.repeats fixed-rate runs; the one with the median p99 is kept (a stray stall of
-    a shared 2-core machine moves one run's p99 by tens of ms), all p99s are kept too."""
-    runs = []
+def measure_rates(targets: list[tuple[Row, str, str]], rate: int, sim: Sim, a, oha: str) -> None:
+    """a.repeats rounds of fixed-rate runs at `rate`, one run per target in turn, so that
+    every target sees the same phases of the shared machine (a stray stall moves one
+    run's p99 by tens of ms); per target, the run with the median p99 is kept in
+    row.rate[rate], with every run's p99."""
+    runs: dict[str, list[RateResult]] = {row.target: [] for row, _, _ in targets}
     for _ in range(a.repeats):
-        before = sim.accepted_draws()
-        r = run_oha_rate(oha, url, token, a.connections, a.seconds, rate)
-        time.sleep(0.3)
-        accepted = sim.accepted_draws() - before
-        if accepted < r.requests:
-            raise BenchError(f"{name}: only {accepted} of {r.requests} draws accepted upstream")
-        runs.append(r)
-    runs.sort(key=lambda r: r.p99_ms)
-    best = runs[len(runs) // 2]
-    best.p99_runs = [r.p99_ms for r in runs]
-    log(f"{name} @ {rate}/s: achieved {best.achieved:,.0f}/s, p50 {best.p50_ms:.3f} ms, "
-        f"p99 {best.p99_ms:.3f} ms (p99 of the runs: {', '.join(f'{x:.2f}' for x in best.p99_runs)})")
-    return best
+        for row, url, token in targets:
+            before = sim.accepted_draws()
+            r = run_oha_rate(oha, url, token, a.connections, a.seconds, rate)
+            time.sleep(0.3)
+            accepted = sim.accepted_draws() - before
+            if accepted < r.requests:
+                raise BenchError(f"{row.target}: only {accepted} of {r.requests} draws accepted upstream")
+            runs[row.target].append(r)
+    for row, _, _ in targets:
+        got = sorted(runs[row.target], key=lambda r: r.p99_ms)
+        best = got[len(got) // 2]
+        best.p99_runs = [r.p99_ms for r in got]
+        best.rounds = runs[row.target]
+        row.rate[rate] = best
+        log(f"{row.target} @ {rate}/s: achieved {best.achieved:,.0f}/s, p50 {best.p50_ms:.3f} ms, "
+            f"p99 {best.p99_ms:.3f} ms (p99 of the runs: {', '.join(f'{x:.2f}' for x in best.p99_runs)})")
 
 
 def gate_state(g: Gate) -> dict:
@@ -723,10 +731,14 @@ def fmt_ms(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
-def fmt_delta(v: float | None, base: float | None) -> str:
-    if v is None or base is None:
-        return "–"
-    return f"{v - base:+.3f}"
+def added(rr: RateResult, base: RateResult, what: str) -> float:
+    """Target minus simulator direct: the median of the differences within each round
+    (both ran in it, one after the other), or of the kept runs without rounds."""
+    if rr.rounds and len(rr.rounds) == len(base.rounds):
+        diffs = sorted(getattr(x, what) - getattr(y, what) for x, y in zip(rr.rounds, base.rounds))
+        n = len(diffs)
+        return diffs[n // 2] if n % 2 else (diffs[n // 2 - 1] + diffs[n // 2]) / 2
+    return getattr(rr, what) - getattr(base, what)
 
 
 def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict, gate_rate_for: dict[str, int]) -> str:
@@ -750,9 +762,10 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
         f"**CPU/req** = the proxy's own CPU (its processes' utime + stime) per request of that run, "
         f"in µs: not the load generator's or the simulator's. "
         f"**Latency** = oha at a fixed rate (`-q`, latency correction on), "
-        f"{a.connections} connections, {a.seconds} s, at half of that gate's max, repeated {a.repeats}× "
-        f"(the run with the median p99 is shown, with the range of the runs' p99 in brackets); the "
-        f"simulator direct is measured at the same rates and *added* = gate − direct. Latencies in ms."
+        f"{a.connections} connections, {a.seconds} s, at half of that gate's max, in {a.repeats} rounds that "
+        f"each run every target measured at that rate once, in turn, the simulator direct included "
+        f"(the run with the median p99 is shown, with the range of the runs' p99 in brackets); "
+        f"*added* = target − simulator direct: the median over the rounds of the difference within a round. Latencies in ms."
     )
     out.append("")
     out.append("| target | max req/s | CPU/req | answers checked | fixed rate (req/s) | p50 | p99 | added p50 | added p99 |")
@@ -771,8 +784,8 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
                 f"{rate:,} (got {rr.achieved:,.0f})" if rr else "–",
                 fmt_ms(rr.p50_ms) if rr else "–",
                 (fmt_ms(rr.p99_ms) + (f" ({min(rr.p99_runs):.2f}–{max(rr.p99_runs):.2f})" if len(rr.p99_runs) > 1 else "")) if rr else "–",
-                fmt_delta(rr.p50_ms, base.p50_ms) if (rr and base) else "–",
-                fmt_delta(rr.p99_ms, base.p99_ms) if (rr and base) else "–",
+                f"{added(rr, base, 'p50_ms'):+.3f}" if (rr and base) else "–",
+                f"{added(rr, base, 'p99_ms'):+.3f}" if (rr and base) else "–",
             ))
     out.append("")
     notes = [r for r in rows if r.note]
@@ -870,8 +883,8 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
             rate = gate_rate_for.get(r.target)
             rr, base = r.rate.get(rate), direct.rate.get(rate)
             if rr and base:
-                added = rr.p99_ms - base.p99_ms
-                aims.append(f"{r.target}: added p99 ≤ 1 ms at half load: {'**met**' if added <= 1.0 else '**not met**'} ({added:+.3f} ms)")
+                plus = added(rr, base, "p99_ms")
+                aims.append(f"{r.target}: added p99 ≤ 1 ms at half load: {'**met**' if plus <= 1.0 else '**not met**'} ({plus:+.3f} ms)")
     if mem:
         ok = mem["rss_kib"] / 1024 < 64
         aims.append(f"resident memory < 64 MiB with {mem['keys']:,} keys: {'**met**' if ok else '**not met**'} "
@@ -1080,13 +1093,45 @@ def main() -> int:
             env_info["disk_ram_ratio"] = ratios[len(ratios) // 2]
         rate_sql = max(1, int(row.max.rps / 2))
         gate_rate_for[row.target] = rate_sql
-        for r, g in pair:
-            r.rate[rate_sql] = measure_rate(r.target, g.url + DRAW_PATH, g.key, rate_sql, sim, a, oha)
+        at_rate_sql = [(direct, sim.url + DRAW_PATH, SIM_TOKEN)] + [(r, g.url + DRAW_PATH, g.key) for r, g in pair]
+
+        # nginx as a plain pass-through proxy.
+        ngx = None
+        if not a.no_nginx:
+            row = Row("nginx pass-through")
+            started = start_nginx(procs, tmp, sim)
+            rows.append(row)
+            if started:
+                ngx, ngx_port = started
+                url = f"http://127.0.0.1:{ngx_port}{DRAW_PATH}"
+                row.max, row.max_ok = measure_max(row.target, url, "client-token", sim, a, tmp, ngx.pid)
+                at_rate_sql.append((row, url, "client-token"))
+            else:
+                row.note = "skipped: nginx is not installed"
+
+        # The gate's HTTP stack with none of the gate's work: how much of the distance
+        # to nginx is hyper + reqwest + tokio, and how much is billing.
+        bare_proc = None
+        if bare:
+            row = Row(BARE_ROW)
+            rows.append(row)
+            port = free_port()
+            bare_proc = procs.start("bare", [bare, f"127.0.0.1:{port}", sim.url],
+                                    env=os.environ | {"BARE_PROXY_TOKEN": SIM_TOKEN}, log_path=tmp / "bare.log")
+            wait_tcp(port, 10, bare_proc)
+            url = f"http://127.0.0.1:{port}{DRAW_PATH}"
+            row.max, row.max_ok = measure_max(row.target, url, "client-token", sim, a, tmp, bare_proc.pid)
+            at_rate_sql.append((row, url, "client-token"))
+
+        # Latency at half the SQLite gate's max, every target in each round.
+        measure_rates(at_rate_sql, rate_sql, sim, a, oha)
         time.sleep(1)
         env_info["sql_after"] = gate_state(g_sql)
-        procs.stop(g_sql.proc, timeout=40)
-        if g_shm is not None:
-            procs.stop(g_shm.proc, timeout=40)
+        for p in [g_sql.proc] + ([g_shm.proc] if g_shm else []):
+            procs.stop(p, timeout=40)
+        for p in (ngx, bare_proc):
+            if p is not None:
+                procs.stop(p, timeout=10)
 
         # Gate, PostgreSQL ledger in a fresh schema.
         if not a.no_pg:
@@ -1103,7 +1148,8 @@ def main() -> int:
                                                       g_pg.proc.pid)
                 rate_pg = max(1, int(row.max.rps / 2))
                 gate_rate_for[row.target] = rate_pg
-                row.rate[rate_pg] = measure_rate(row.target, g_pg.url + DRAW_PATH, g_pg.key, rate_pg, sim, a, oha)
+                measure_rates([(direct, sim.url + DRAW_PATH, SIM_TOKEN), (row, g_pg.url + DRAW_PATH, g_pg.key)],
+                              rate_pg, sim, a, oha)
                 if a.pg_keys > 1:
                     # One key means one hot account row that every reservation locks in
                     # turn; a fleet's load is spread over many keys.
@@ -1118,38 +1164,6 @@ def main() -> int:
             else:
                 row.note = f"skipped: no PostgreSQL at {a.pg_url}"
                 rows.append(row)
-
-        # nginx as a plain pass-through proxy.
-        if not a.no_nginx:
-            row = Row("nginx pass-through")
-            started = start_nginx(procs, tmp, sim)
-            rows.append(row)
-            if started:
-                ngx, ngx_port = started
-                url = f"http://127.0.0.1:{ngx_port}{DRAW_PATH}"
-                row.max, row.max_ok = measure_max(row.target, url, "client-token", sim, a, tmp, ngx.pid)
-                row.rate[rate_sql] = measure_rate(row.target, url, "client-token", rate_sql, sim, a, oha)
-                procs.stop(ngx, timeout=10)
-            else:
-                row.note = "skipped: nginx is not installed"
-
-        # The gate's HTTP stack with none of the gate's work: how much of the distance
-        # to nginx is hyper + reqwest + tokio, and how much is billing.
-        if bare:
-            row = Row(BARE_ROW)
-            rows.append(row)
-            port = free_port()
-            p = procs.start("bare", [bare, f"127.0.0.1:{port}", sim.url],
-                            env=os.environ | {"BARE_PROXY_TOKEN": SIM_TOKEN}, log_path=tmp / "bare.log")
-            wait_tcp(port, 10, p)
-            url = f"http://127.0.0.1:{port}{DRAW_PATH}"
-            row.max, row.max_ok = measure_max(row.target, url, "client-token", sim, a, tmp, p.pid)
-            row.rate[rate_sql] = measure_rate(row.target, url, "client-token", rate_sql, sim, a, oha)
-            procs.stop(p, timeout=10)
-
-        # The simulator direct at the same rates, for the added latency.
-        for rate in sorted(set(gate_rate_for.values())):
-            direct.rate[rate] = measure_rate(direct.target, sim.url + DRAW_PATH, SIM_TOKEN, rate, sim, a, oha)
 
         if a.keys > 0:
             # A failed memory run must not throw away the table measured above.
