@@ -913,37 +913,31 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text.rstrip("\n") + "\n")
 
 
-def build(a) -> str:
-    if a.bin:
-        return a.bin
-    log("cargo build --release")
-    r = subprocess.run(["cargo", "build", "--release", "--bin", "chuzhan-gate"], cwd=REPO, timeout=a.deadline)
+def cargo_release(what: list[str], given: str | None, relpath: str, deadline: int) -> str:
+    """`cargo build --release WHAT` (honours CARGO_TARGET_DIR) and the path of what it
+    built, unless a binary was given."""
+    if given:
+        return given
+    log("cargo build --release " + " ".join(what))
+    r = subprocess.run(["cargo", "build", "--release", *what], cwd=REPO, timeout=deadline)
     if r.returncode != 0:
-        raise BenchError("cargo build --release failed")
+        raise BenchError(f"cargo build --release {' '.join(what)} failed")
     target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
     if not target.is_absolute():
         target = REPO / target
-    b = target / "release" / "chuzhan-gate"
+    b = target / "release" / relpath
     if not b.exists():
         raise BenchError(f"no binary at {b}")
     return str(b)
+
+
+def build(a) -> str:
+    return cargo_release(["--bin", "chuzhan-gate"], a.bin, "chuzhan-gate", a.deadline)
 
 
 def build_bare(a) -> str:
     """examples/bare_proxy.rs, built in release mode like the gate (or --bare)."""
-    if a.bare:
-        return a.bare
-    log("cargo build --release --example bare_proxy")
-    r = subprocess.run(["cargo", "build", "--release", "--example", "bare_proxy"], cwd=REPO, timeout=a.deadline)
-    if r.returncode != 0:
-        raise BenchError("cargo build --release --example bare_proxy failed")
-    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
-    if not target.is_absolute():
-        target = REPO / target
-    b = target / "release" / "examples" / "bare_proxy"
-    if not b.exists():
-        raise BenchError(f"no binary at {b}")
-    return str(b)
+    return cargo_release(["--example", "bare_proxy"], a.bare, "examples/bare_proxy", a.deadline)
 
 
 def memory_only(a, oha: str | None) -> int:
