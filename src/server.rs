@@ -221,6 +221,18 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, mut key_curso
     forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
     let mut trim = crate::memory::QuietTrim::default();
+    // The background check waits for the upstream, which may be slow: it runs
+    // in a task of its own, one round at a time, so that it never holds up
+    // the rest of the upkeep (key changes from other replicas, forgetting
+    // settled transfers, expiry). Stopping aborts it; a refund it cut off is
+    // made by the sweep.
+    let mut check: Option<tokio::task::JoinHandle<()>> = None;
+    // Refunds cut off by a crash of this gate (or of a replica) are made once
+    // at start, then looked for every 10 s.
+    let swept = crate::tasks::refund_due(&gate, Duration::ZERO).await;
+    if swept > 0 {
+        tracing::warn!(count = swept, "refunds cut off before this start made");
+    }
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -230,7 +242,12 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, mut key_curso
                 }
                 continue;
             }
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                if let Some(c) = check.take() {
+                    c.abort();
+                }
+                return;
+            }
         }
         n += 1;
         if let Some(cursor) = key_cursor.as_mut() {
@@ -245,8 +262,16 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, mut key_curso
                 gate.keys.put_all(&keys);
             }
         }
-        if n % gate.cfg.tasks.check_interval_secs.max(1) == 0 {
-            crate::tasks::check_due(&gate).await;
+        if n % gate.cfg.tasks.check_interval_secs.max(1) == 0
+            && check.as_ref().is_none_or(|c| c.is_finished())
+        {
+            let gate = gate.clone();
+            check = Some(tokio::spawn(async move {
+                crate::tasks::check_due(&gate).await;
+            }));
+        }
+        if n % 10 == 5 {
+            crate::tasks::refund_due(&gate, crate::tasks::REFUND_GRACE).await;
         }
         if trim.tick(gate.metrics.requests_total()) {
             let started = Instant::now();

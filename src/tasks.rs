@@ -28,7 +28,8 @@ pub enum TaskState {
     Open,
     /// Ended in `success`: the charge stands.
     Success,
-    /// Ended in `fail`: the charge was refunded.
+    /// Ended in `fail`: the charge is refunded (stored as `refund_due` until the
+    /// refund is recorded).
     Fail,
 }
 
@@ -49,7 +50,8 @@ impl std::str::FromStr for TaskState {
         match s {
             "open" => Ok(TaskState::Open),
             "success" => Ok(TaskState::Success),
-            "fail" => Ok(TaskState::Fail),
+            // Failed, its refund not yet recorded (the ledger's `REFUND_DUE`).
+            "fail" | "refund_due" => Ok(TaskState::Fail),
             other => Err(format!("unknown task state {other:?}")),
         }
     }
@@ -232,21 +234,7 @@ pub async fn observe_end(gate: &Gate, rec: &TaskRecord, end: TaskState, source: 
     m.insert("state".into(), Value::from(end.as_str()));
     m.insert("source".into(), Value::from(source));
     if end == TaskState::Fail {
-        match gate.ledger.refund(&rec.transfer).await {
-            Ok(s) => {
-                gate.metrics
-                    .points(rec.key.as_str(), "refunded", s.points.get());
-                m.insert("decision".into(), Value::from("refund"));
-                m.insert("points".into(), Value::from(s.points.get()));
-                m.insert("remaining".into(), Value::from(s.remaining.get()));
-                m.insert("replay".into(), Value::from(s.replay));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, task = %rec.task_id, "refund failed");
-                m.insert("decision".into(), Value::from("refund_failed"));
-                m.insert("reason".into(), Value::from(e.to_string()));
-            }
-        }
+        refund(gate, rec, &mut m).await;
     } else {
         m.insert("decision".into(), Value::from("task_success"));
     }
@@ -254,6 +242,91 @@ pub async fn observe_end(gate: &Gate, rec: &TaskRecord, end: TaskState, source: 
         tracing::error!(error = %e, "audit record failed");
     }
 }
+
+/// Refunds a failed task's charge and records that it is made, filling in the
+/// audit record `m`. A refund that fails stays due: [`refund_due`] makes it later.
+async fn refund(gate: &Gate, rec: &TaskRecord, m: &mut Map<String, Value>) {
+    match gate.ledger.refund(&rec.transfer).await {
+        Ok(s) => {
+            if !s.replay {
+                gate.metrics
+                    .points(rec.key.as_str(), "refunded", s.points.get());
+            }
+            m.insert("decision".into(), Value::from("refund"));
+            m.insert("points".into(), Value::from(s.points.get()));
+            m.insert("remaining".into(), Value::from(s.remaining.get()));
+            m.insert("replay".into(), Value::from(s.replay));
+            if let Err(e) = gate.ledger.refund_recorded(&rec.task_id).await {
+                // Still listed as due: the sweep replays the refund (a no-op) and
+                // records it then.
+                tracing::warn!(error = %e, task = %rec.task_id, "cannot record a refund as made");
+            }
+        }
+        Err(e) => {
+            m.insert("decision".into(), Value::from("refund_failed"));
+            m.insert("reason".into(), Value::from(e.to_string()));
+            if matches!(e, crate::ledger::LedgerError::Storage(_)) {
+                tracing::error!(error = %e, task = %rec.task_id, "refund failed; it stays due");
+                return;
+            }
+            // The ledger answered, and no refund can be made (the transfer is
+            // not a committed charge): trying again would answer the same.
+            tracing::error!(error = %e, task = %rec.task_id, "refund refused by the ledger");
+            if let Err(e) = gate.ledger.refund_recorded(&rec.task_id).await {
+                tracing::warn!(error = %e, task = %rec.task_id, "cannot record a refused refund");
+            }
+        }
+    }
+}
+
+/// How long after a task's failure was recorded its refund counts as cut off:
+/// the gate that recorded it refunds at once, so anything older was
+/// interrupted (a crash, a ledger error) and is made by the sweep.
+pub const REFUND_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The refund sweep: makes the refunds of failed tasks whose refund was never
+/// recorded, `grace` after their failure was. Every refund is idempotent by id,
+/// so one that was made but not recorded is only confirmed (no points move, no
+/// audit record), and replicas sweeping together refund once. Returns how many
+/// refunds moved points.
+pub async fn refund_due(gate: &Gate, grace: std::time::Duration) -> usize {
+    let before = gate.clock.now() - chrono::Duration::from_std(grace).unwrap_or_default();
+    let due = match gate
+        .ledger
+        .due_tasks(crate::ledger::Due::Refund, before, REFUND_BATCH)
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "listing refunds due failed");
+            return 0;
+        }
+    };
+    let mut made = 0;
+    for rec in due {
+        let mut m = Map::new();
+        m.insert("event".into(), Value::from("task_refund"));
+        m.insert("task_id".into(), Value::from(rec.task_id.as_str()));
+        m.insert("key_id".into(), Value::from(rec.key.as_str()));
+        m.insert("endpoint".into(), Value::from(rec.endpoint.as_str()));
+        m.insert("source".into(), Value::from("sweep"));
+        refund(gate, &rec, &mut m).await;
+        if m.get("replay") == Some(&Value::Bool(true)) {
+            continue;
+        }
+        if m.get("decision") == Some(&Value::from("refund")) {
+            made += 1;
+            tracing::warn!(task = %rec.task_id, "made a refund that was cut off");
+        }
+        if let Err(e) = gate.audit.record(m).await {
+            tracing::error!(error = %e, "audit record failed");
+        }
+    }
+    made
+}
+
+/// Failed tasks looked at per sweep.
+const REFUND_BATCH: usize = 256;
 
 /// A detail/progress answer passed through the gate: settle the task if it ended.
 pub async fn observe_answer(gate: &Gate, rec: &TaskRecord, body: &[u8]) {
@@ -446,7 +519,11 @@ async fn deliver(gate: &Gate, url: &str, body: Vec<u8>, task_id: &str) {
 pub async fn check_due(gate: &Gate) {
     let cfg = &gate.cfg.tasks;
     let before = gate.clock.now() - chrono::Duration::seconds(cfg.check_interval_secs as i64);
-    let due = match gate.ledger.due_tasks(before, cfg.check_batch).await {
+    let due = match gate
+        .ledger
+        .due_tasks(crate::ledger::Due::Check, before, cfg.check_batch)
+        .await
+    {
         Ok(d) => d,
         Err(e) => {
             tracing::error!(error = %e, "listing open tasks failed");

@@ -31,8 +31,10 @@ async fn replica(
     schema: &str,
     dir: &std::path::Path,
     instance: &str,
+    tweak: &dyn Fn(&mut chuzhan_gate::config::Config),
 ) -> Result<Running, server::StartError> {
     let mut cfg = gate_config(dir, &sim.url(), "sim-token");
+    tweak(&mut cfg);
     cfg.ledger.backend = BackendKind::Postgres;
     cfg.ledger.url = Some(url.to_owned());
     cfg.ledger.schema = Some(schema.to_owned());
@@ -41,6 +43,13 @@ async fn replica(
 }
 
 async fn fleet(sim_cfg: SimConfig) -> Option<Fleet> {
+    fleet_with(sim_cfg, &|_| {}).await
+}
+
+async fn fleet_with(
+    sim_cfg: SimConfig,
+    tweak: &dyn Fn(&mut chuzhan_gate::config::Config),
+) -> Option<Fleet> {
     let Ok(url) = std::env::var("GATE_TEST_POSTGRES_URL") else {
         eprintln!(
             "GATE_TEST_POSTGRES_URL is not set: the fleet (PostgreSQL) gate tests were NOT run"
@@ -50,10 +59,10 @@ async fn fleet(sim_cfg: SimConfig) -> Option<Fleet> {
     let schema = format!("fleet_{}_{:08x}", std::process::id(), rand::random::<u32>());
     let sim = start_sim(sim_cfg).await;
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = replica(&sim, &url, &schema, da.path(), "replica-a")
+    let a = replica(&sim, &url, &schema, da.path(), "replica-a", tweak)
         .await
         .expect("gate A must open the PostgreSQL ledger at GATE_TEST_POSTGRES_URL");
-    let b = replica(&sim, &url, &schema, db.path(), "replica-b")
+    let b = replica(&sim, &url, &schema, db.path(), "replica-b", tweak)
         .await
         .expect("gate B");
     Some(Fleet {
@@ -280,7 +289,7 @@ async fn a_replica_started_later_knows_every_key_and_then_follows_changes() {
         made.extend(batch);
     }
     let dir = tempfile::tempdir().unwrap();
-    let c = replica(&f.sim, &f.url, &f.schema, dir.path(), "replica-c")
+    let c = replica(&f.sim, &f.url, &f.schema, dir.path(), "replica-c", &|_| {})
         .await
         .expect("gate C");
     for (_, secret) in [&made[0], &made[999], &made[1099]] {
@@ -300,4 +309,70 @@ async fn a_replica_started_later_knows_every_key_and_then_follows_changes() {
     }
     assert!(known, "replica C never learned a key made after it started");
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_check_stuck_on_a_slow_upstream_does_not_hold_up_key_changes() {
+    // Tasks that run for minutes, checked every second by both replicas.
+    let Some(f) = fleet_with(
+        SimConfig {
+            task_ms: 600_000,
+            ..Default::default()
+        },
+        &|c| {
+            c.tasks.check_interval_secs = 1;
+            c.upstream.timeout_secs = 60;
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let (id, secret) = f.create_key(json!({"name": "t", "budget": 1000})).await;
+    f.until_b_knows(&secret).await;
+    for gate in [&f.a, &f.b] {
+        let v = f.post(gate, "/aiapi/v1/draw", &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+    }
+    // From now on every upstream answer takes 30 s: the next check round of
+    // each replica waits on it. The tasks are due a second after their
+    // submit; the replica that checks them first touches them, so the other
+    // one takes them up a second later: after 4 s both are waiting.
+    f.sim
+        .set_fault(chuzhan_gate::upstream::sim::Fault::Slow(30_000));
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    // The key disabled on A is refused by B within its usual second or so:
+    // B's key polling goes on while its check waits.
+    let status = f
+        .http
+        .delete(format!("http://{}/admin/keys/{id}", f.a.admin_addr))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(status.is_success(), "{status}");
+    let mut refused = false;
+    for _ in 0..40 {
+        let v: Value = f
+            .http
+            .get(format!("http://{}/aiapi/v1/client/detail", f.b.addr))
+            .header("Auth-Token", &secret)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["code"] == 1001 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        refused,
+        "replica B still accepted a key disabled on A 4 s earlier"
+    );
+    f.sim.set_fault(chuzhan_gate::upstream::sim::Fault::None);
 }

@@ -6,10 +6,11 @@ use chrono::{DateTime, Duration, Utc};
 use chuzhan_gate::clock::{ManualClock, SharedClock, SystemClock};
 use chuzhan_gate::keys::KeyRecord;
 use chuzhan_gate::ledger::{
-    verify_cmd, BackendKind, Durability, GroupCommitStats, IdemBegin, Ledger, LedgerConfig,
+    verify_cmd, BackendKind, Due, Durability, GroupCommitStats, IdemBegin, Ledger, LedgerConfig,
     LedgerError, PendingPolicy, Period, SettleKind, StoredAnswer,
 };
 use chuzhan_gate::points::{KeyId, Points, TransferId};
+use chuzhan_gate::tasks::{TaskRecord, TaskState};
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -188,6 +189,7 @@ conformance!(
     admits_exactly_what_fits_under_64_concurrent_tasks,
     admits_exactly_what_fits_with_equal_sizes_that_leave_a_remainder,
     resolves_reservations_left_pending_by_a_stopped_instance,
+    keeps_a_failed_tasks_refund_due_until_it_is_recorded_even_across_a_restart,
     ping_and_close_work,
     runs_at_the_configured_durability,
     replays_and_refunds_transfers_settled_long_ago,
@@ -910,6 +912,88 @@ async fn resolves_reservations_left_pending_by_a_stopped_instance(fx: &Fx) {
     assert_eq!((v.spent, v.reserved), (Points(30), Points(0)));
     let replay = l.commit(&tid("or1"), Points(1)).await.unwrap();
     assert!(replay.replay && replay.points == Points(25));
+    assert_clean(&l).await;
+}
+
+fn task(id: &str, k: &KeyId, transfer: &TransferId) -> TaskRecord {
+    TaskRecord {
+        task_id: id.to_owned(),
+        key: k.clone(),
+        endpoint: "/aiapi/v1/draw".into(),
+        transfer: transfer.clone(),
+        upstream_points: Points(12),
+        charged: Points(12),
+        state: TaskState::Open,
+        client_callback: None,
+        client_nonce: None,
+        gate_nonce: None,
+        created_at: Utc::now(),
+    }
+}
+
+/// The state a crash between a task's end and its refund leaves: the end is
+/// recorded (`end_task` won), the refund is not. It must stay findable, across
+/// a restart, until the refund is recorded; then it reads as `fail`.
+async fn keeps_a_failed_tasks_refund_due_until_it_is_recorded_even_across_a_restart(fx: &Fx) {
+    let k = key("key_cutoff");
+    let later = Utc::now() + Duration::seconds(60);
+    {
+        let l = fx.open(system()).await;
+        l.open_account(&k, Points(100), Period::None, "admin", "")
+            .await
+            .unwrap();
+        for (t, c) in [("t-fail", "c-fail"), ("t-ok", "c-ok"), ("t-open", "c-open")] {
+            l.reserve(&k, Points(12), &tid(c)).await.unwrap();
+            l.commit(&tid(c), Points(12)).await.unwrap();
+            l.put_task(&task(t, &k, &tid(c))).await.unwrap();
+        }
+        assert!(l.end_task("t-fail", TaskState::Fail).await.unwrap());
+        assert!(l.end_task("t-ok", TaskState::Success).await.unwrap());
+        // A second ender loses, as before.
+        assert!(!l.end_task("t-fail", TaskState::Fail).await.unwrap());
+        // Dropped here, before the refund.
+    }
+    let l = fx.open(system()).await;
+    let due = l.due_tasks(Due::Refund, later, 10).await.unwrap();
+    let ids: Vec<_> = due.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(ids, ["t-fail"], "only the failed task is due for a refund");
+    assert_eq!(due[0].state, TaskState::Fail);
+    assert_eq!(due[0].transfer, tid("c-fail"));
+    // Not before its grace: listed only when it ended before the given time.
+    let earlier = Utc::now() - Duration::seconds(60);
+    assert!(l
+        .due_tasks(Due::Refund, earlier, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    // The failed task is no longer open for the background check.
+    let open = l.due_tasks(Due::Check, later, 10).await.unwrap();
+    assert_eq!(
+        open.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(),
+        ["t-open"]
+    );
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(36));
+
+    let s = l.refund(&tid("c-fail")).await.unwrap();
+    assert!(!s.replay);
+    l.refund_recorded("t-fail").await.unwrap();
+    l.refund_recorded("t-fail").await.unwrap();
+    assert!(l
+        .due_tasks(Due::Refund, later, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        l.task("t-fail").await.unwrap().unwrap().state,
+        TaskState::Fail
+    );
+    // Recording a refund for a task that did not fail changes nothing.
+    l.refund_recorded("t-ok").await.unwrap();
+    assert_eq!(
+        l.task("t-ok").await.unwrap().unwrap().state,
+        TaskState::Success
+    );
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(24));
     assert_clean(&l).await;
 }
 

@@ -400,3 +400,51 @@ async fn a_task_survives_a_restart_and_is_refunded_after_it() {
     assert_eq!(env.account(&id).await["spent"], 0);
     submit(&env, &secret, SEED_768).await;
 }
+
+/// A crash between a failed task's end and its refund (the end is recorded,
+/// the refund is not) must not keep the client's points: the next start makes
+/// the refund. The crash is stood in for by recording the end directly, which
+/// is the first of the two ledger writes `observe_end` makes.
+#[tokio::test]
+async fn a_refund_cut_off_after_the_tasks_end_is_made_at_the_next_start() {
+    let mut env = Env::with(slow_tasks(), |_| {}).await;
+    let (id, secret) = env.key(json!({"name": "a", "budget": 100})).await;
+    let task = submit(&env, &secret, FAIL_DRAW).await;
+    let won = env
+        .gate()
+        .gate
+        .ledger
+        .end_task(&task, chuzhan_gate::tasks::TaskState::Fail)
+        .await
+        .unwrap();
+    assert!(won);
+    // Nothing refunds it while this gate runs: polls see the end as recorded.
+    let v = wait_detail(&env, &secret, &task).await;
+    assert_eq!(v["data"]["state"], "fail", "{v}");
+    assert_eq!(env.account(&id).await["spent"], 12);
+    assert!(audit_lines(&env, "refund").await.is_empty());
+
+    let running = env.gate.take().unwrap();
+    let cfg = running.gate.cfg.clone();
+    running.shutdown().await;
+    env.gate = Some(chuzhan_gate::server::start(cfg).await.unwrap());
+    let ok = eventually(async || env.account(&id).await["spent"] == 0).await;
+    assert!(ok, "the restarted gate made the refund");
+    // Its audit record follows the refund.
+    let ok = eventually(async || !audit_lines(&env, "refund").await.is_empty()).await;
+    assert!(ok, "the refund was audited");
+    let refunds = audit_lines(&env, "refund").await;
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0]["source"], "sweep");
+    assert_eq!(refunds[0]["task_id"], task.as_str());
+    // Made once: a second start finds nothing more to do.
+    let running = env.gate.take().unwrap();
+    let cfg = running.gate.cfg.clone();
+    running.shutdown().await;
+    env.gate = Some(chuzhan_gate::server::start(cfg).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.account(&id).await["spent"], 0);
+    assert_eq!(audit_lines(&env, "refund").await.len(), 1);
+    let report = env.gate().gate.ledger.verify().await.unwrap();
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+}

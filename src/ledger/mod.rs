@@ -46,6 +46,27 @@
 
 mod cli;
 mod idfilter;
+
+/// What [`Ledger::due_tasks`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// Open tasks nobody asked about lately: the background check.
+    Check,
+    /// Failed tasks whose refund is not recorded: the refund sweep.
+    Refund,
+}
+
+/// The stored state of a task that ended in `fail` before its refund is
+/// recorded; read back as [`TaskState::Fail`].
+pub const REFUND_DUE: &str = "refund_due";
+
+/// The state column's value for a task that ended in `state`.
+fn stored_end(state: TaskState) -> &'static str {
+    match state {
+        TaskState::Fail => REFUND_DUE,
+        other => other.as_str(),
+    }
+}
 mod pgbatch;
 mod postgres;
 mod sqlite;
@@ -678,19 +699,34 @@ impl Ledger {
     /// Moves an open task to its end state in one conditional update. Returns
     /// `true` for exactly one caller however many race (polls, duplicate
     /// callbacks, replicas): that caller does what the end requires (refund).
+    ///
+    /// A task that ended in `fail` is stored as [`REFUND_DUE`] until
+    /// [`Ledger::refund_recorded`]: if the refund never follows (the gate died
+    /// in between, or the ledger refused it for a moment), [`Ledger::due_tasks`]
+    /// with [`Due::Refund`] still finds it, and the refund, idempotent by id,
+    /// is made then.
     pub async fn end_task(&self, task_id: &str, state: TaskState) -> Result<bool, LedgerError> {
         let now = self.now_ms();
         dispatch!(self, b => b.end_task(task_id, state, now).await)
     }
 
-    /// Open tasks not checked since `before` (oldest check first), for the
-    /// background checker.
+    /// Tasks that need the gate's attention, oldest first: open tasks not
+    /// checked since `before` (for the background check), or failed tasks
+    /// whose refund was not recorded and that ended before `before`.
     pub async fn due_tasks(
         &self,
+        due: Due,
         before: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, LedgerError> {
-        dispatch!(self, b => b.due_tasks(before.timestamp_millis(), limit).await)
+        dispatch!(self, b => b.due_tasks(due, before.timestamp_millis(), limit).await)
+    }
+
+    /// Records that a failed task needs nothing more: its refund is made, or
+    /// the ledger refused it for good (a no-op for any other task, and when
+    /// repeated).
+    pub async fn refund_recorded(&self, task_id: &str) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.refund_recorded(task_id).await)
     }
 
     /// Records that an open task was just checked.

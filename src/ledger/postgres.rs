@@ -105,6 +105,12 @@ CREATE SEQUENCE keys_change_seq;
 ALTER TABLE keys ADD COLUMN change_seq BIGINT NOT NULL DEFAULT nextval('keys_change_seq');
 CREATE INDEX keys_change ON keys (change_seq);
 "#,
+    // v4: a failed task's refund is recorded apart from its end (see the
+    // embedded ledger's v3).
+    r#"
+UPDATE tasks SET state = 'refund_due' WHERE state = 'fail';
+CREATE INDEX tasks_refund_due ON tasks (checked_ms) WHERE state = 'refund_due';
+"#,
 ];
 
 /// The current window start for each period kind, passed to the statements
@@ -1359,7 +1365,7 @@ impl PgLedger {
             .await?
             .execute(
                 "UPDATE tasks SET state = $2, checked_ms = $3 WHERE task_id = $1 AND state = 'open'",
-                &[&id, &state.as_str(), &at_ms],
+                &[&id, &super::stored_end(state), &at_ms],
             )
             .await
             .map_err(pg)?;
@@ -1368,6 +1374,7 @@ impl PgLedger {
 
     pub(super) async fn due_tasks(
         &self,
+        due: super::Due,
         checked_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, LedgerError> {
@@ -1376,8 +1383,17 @@ impl PgLedger {
             .client()
             .await?
             .query(
-                "SELECT state, record FROM tasks WHERE state = 'open' AND checked_ms < $1 \
-                 ORDER BY checked_ms LIMIT $2",
+                // The state is written out so that the partial index on it is used.
+                match due {
+                    super::Due::Check => {
+                        "SELECT state, record FROM tasks WHERE state = 'open' AND checked_ms < $1 \
+                         ORDER BY checked_ms LIMIT $2"
+                    }
+                    super::Due::Refund => {
+                        "SELECT state, record FROM tasks WHERE state = 'refund_due' \
+                         AND checked_ms < $1 ORDER BY checked_ms LIMIT $2"
+                    }
+                },
                 &[&checked_before_ms, &limit],
             )
             .await
@@ -1389,6 +1405,18 @@ impl PgLedger {
                 super::sqlite::task_from_row(&s, &j)
             })
             .collect()
+    }
+
+    pub(super) async fn refund_recorded(&self, id: &str) -> Result<(), LedgerError> {
+        self.client()
+            .await?
+            .execute(
+                "UPDATE tasks SET state = 'fail' WHERE task_id = $1 AND state = 'refund_due'",
+                &[&id],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
     }
 
     pub(super) async fn touch_task(&self, id: &str, at_ms: i64) -> Result<(), LedgerError> {

@@ -132,6 +132,14 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_open ON tasks (checked_ms) WHERE state = 'open';
 "#,
+    // v3: a failed task's refund is recorded apart from its end, so that a refund
+    // cut off after the end (a crash in between) is found and made. Tasks that
+    // failed under earlier versions are looked at once more: refunds are
+    // idempotent by id, so one already made is only confirmed.
+    r#"
+UPDATE tasks SET state = 'refund_due' WHERE state = 'fail';
+CREATE INDEX tasks_refund_due ON tasks (checked_ms) WHERE state = 'refund_due';
+"#,
 ];
 
 fn storage(e: impl std::fmt::Display) -> LedgerError {
@@ -2047,7 +2055,7 @@ impl SqliteLedger {
                 c.prepare_cached(
                     "UPDATE tasks SET state = ?2, checked_ms = ?3 WHERE task_id = ?1 AND state = 'open'",
                 )?
-                .execute(params![id, state.as_str(), at_ms])
+                .execute(params![id, super::stored_end(state), at_ms])
             })
             .await?;
         Ok(n == 1)
@@ -2055,16 +2063,25 @@ impl SqliteLedger {
 
     pub(super) async fn due_tasks(
         &self,
+        due: super::Due,
         checked_before_ms: i64,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, LedgerError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .custom(move |c| {
-                let mut st = c.prepare_cached(
-                    "SELECT state, record FROM tasks WHERE state = 'open' AND checked_ms < ?1 \
-                     ORDER BY checked_ms LIMIT ?2",
-                )?;
+                // The state is written out, not bound, so that the partial
+                // index on it is used.
+                let mut st = c.prepare_cached(match due {
+                    super::Due::Check => {
+                        "SELECT state, record FROM tasks WHERE state = 'open' AND checked_ms < ?1 \
+                         ORDER BY checked_ms LIMIT ?2"
+                    }
+                    super::Due::Refund => {
+                        "SELECT state, record FROM tasks WHERE state = 'refund_due' \
+                         AND checked_ms < ?1 ORDER BY checked_ms LIMIT ?2"
+                    }
+                })?;
                 let rows = st.query_map(params![checked_before_ms, limit], |r| {
                     Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
                 })?;
@@ -2072,6 +2089,18 @@ impl SqliteLedger {
             })
             .await?;
         rows.iter().map(|(s, j)| task_from_row(s, j)).collect()
+    }
+
+    pub(super) async fn refund_recorded(&self, id: &str) -> Result<(), LedgerError> {
+        let id = id.to_owned();
+        self.custom(move |c| {
+            c.prepare_cached(
+                "UPDATE tasks SET state = 'fail' WHERE task_id = ?1 AND state = 'refund_due'",
+            )?
+            .execute(params![id])
+        })
+        .await
+        .map(|_| ())
     }
 
     pub(super) async fn touch_task(&self, id: &str, at_ms: i64) -> Result<(), LedgerError> {
