@@ -108,20 +108,25 @@ impl Fleet {
             .unwrap()
     }
 
+    /// Replica B's answer code for the key (its account, answered by the gate).
+    async fn b_code(&self, secret: &str) -> Value {
+        let v = self
+            .http
+            .get(format!("http://{}/aiapi/v1/client/detail", self.b.addr))
+            .header("Auth-Token", secret)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+        v["code"].clone()
+    }
+
     /// Wait until replica B knows the key (it reloads keys every second).
     async fn until_b_knows(&self, secret: &str) {
         for _ in 0..50 {
-            let v = self
-                .http
-                .get(format!("http://{}/aiapi/v1/client/detail", self.b.addr))
-                .header("Auth-Token", secret)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap();
-            if v["code"] == 0 {
+            if self.b_code(secret).await == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -354,17 +359,7 @@ async fn a_background_check_stuck_on_a_slow_upstream_does_not_hold_up_key_change
     assert!(status.is_success(), "{status}");
     let mut refused = false;
     for _ in 0..40 {
-        let v: Value = f
-            .http
-            .get(format!("http://{}/aiapi/v1/client/detail", f.b.addr))
-            .header("Auth-Token", &secret)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if v["code"] == 1001 {
+        if f.b_code(&secret).await == 1001 {
             refused = true;
             break;
         }
