@@ -226,15 +226,10 @@ pub async fn observe_end(gate: &Gate, rec: &TaskRecord, end: TaskState, source: 
     }
     gate.limits.release(&rec.key);
     gate.tasks.forget(&rec.task_id);
-    let mut m = Map::new();
-    m.insert("event".into(), Value::from("task_end"));
-    m.insert("task_id".into(), Value::from(rec.task_id.as_str()));
-    m.insert("key_id".into(), Value::from(rec.key.as_str()));
-    m.insert("endpoint".into(), Value::from(rec.endpoint.as_str()));
+    let mut m = task_audit(rec, "task_end", source);
     m.insert("state".into(), Value::from(end.as_str()));
-    m.insert("source".into(), Value::from(source));
     if end == TaskState::Fail {
-        refund(gate, rec, &mut m).await;
+        let _ = refund(gate, rec, &mut m).await;
     } else {
         m.insert("decision".into(), Value::from("task_success"));
     }
@@ -243,9 +238,23 @@ pub async fn observe_end(gate: &Gate, rec: &TaskRecord, end: TaskState, source: 
     }
 }
 
+/// The start of an audit record about a task: what happened, to which task
+/// and key, learned how.
+fn task_audit(rec: &TaskRecord, event: &str, source: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("event".into(), Value::from(event));
+    m.insert("task_id".into(), Value::from(rec.task_id.as_str()));
+    m.insert("key_id".into(), Value::from(rec.key.as_str()));
+    m.insert("endpoint".into(), Value::from(rec.endpoint.as_str()));
+    m.insert("source".into(), Value::from(source));
+    m
+}
+
 /// Refunds a failed task's charge and records that it is made, filling in the
 /// audit record `m`. A refund that fails stays due: [`refund_due`] makes it later.
-async fn refund(gate: &Gate, rec: &TaskRecord, m: &mut Map<String, Value>) {
+/// Returns whether the ledger made it (`Some(false)`), replayed one made before
+/// (`Some(true)`), or made none (`None`).
+async fn refund(gate: &Gate, rec: &TaskRecord, m: &mut Map<String, Value>) -> Option<bool> {
     match gate.ledger.refund(&rec.transfer).await {
         Ok(s) => {
             if !s.replay {
@@ -261,13 +270,14 @@ async fn refund(gate: &Gate, rec: &TaskRecord, m: &mut Map<String, Value>) {
                 // records it then.
                 tracing::warn!(error = %e, task = %rec.task_id, "cannot record a refund as made");
             }
+            Some(s.replay)
         }
         Err(e) => {
             m.insert("decision".into(), Value::from("refund_failed"));
             m.insert("reason".into(), Value::from(e.to_string()));
             if matches!(e, crate::ledger::LedgerError::Storage(_)) {
                 tracing::error!(error = %e, task = %rec.task_id, "refund failed; it stays due");
-                return;
+                return None;
             }
             // The ledger answered, and no refund can be made (the transfer is
             // not a committed charge): trying again would answer the same.
@@ -275,6 +285,7 @@ async fn refund(gate: &Gate, rec: &TaskRecord, m: &mut Map<String, Value>) {
             if let Err(e) = gate.ledger.refund_recorded(&rec.task_id).await {
                 tracing::warn!(error = %e, task = %rec.task_id, "cannot record a refused refund");
             }
+            None
         }
     }
 }
@@ -304,19 +315,14 @@ pub async fn refund_due(gate: &Gate, grace: std::time::Duration) -> usize {
     };
     let mut made = 0;
     for rec in due {
-        let mut m = Map::new();
-        m.insert("event".into(), Value::from("task_refund"));
-        m.insert("task_id".into(), Value::from(rec.task_id.as_str()));
-        m.insert("key_id".into(), Value::from(rec.key.as_str()));
-        m.insert("endpoint".into(), Value::from(rec.endpoint.as_str()));
-        m.insert("source".into(), Value::from("sweep"));
-        refund(gate, &rec, &mut m).await;
-        if m.get("replay") == Some(&Value::Bool(true)) {
-            continue;
-        }
-        if m.get("decision") == Some(&Value::from("refund")) {
-            made += 1;
-            tracing::warn!(task = %rec.task_id, "made a refund that was cut off");
+        let mut m = task_audit(&rec, "task_refund", "sweep");
+        match refund(gate, &rec, &mut m).await {
+            Some(true) => continue,
+            Some(false) => {
+                made += 1;
+                tracing::warn!(task = %rec.task_id, "made a refund that was cut off");
+            }
+            None => {}
         }
         if let Err(e) = gate.audit.record(m).await {
             tracing::error!(error = %e, "audit record failed");
