@@ -579,31 +579,20 @@ impl PgLedger {
         note: &str,
     ) -> Result<Params, LedgerError> {
         let now = now_ms(&self.clock);
-        let [d, w, m] = self.windows(now);
-        let id = Box::new(id.as_str().to_owned());
-        let (actor, note) = (Box::new(actor.to_owned()), Box::new(note.to_owned()));
-        Ok(match how {
-            Settle::Commit(p) => vec![
-                id,
-                Box::new(to_i64(p.get())?),
-                Box::new(now),
-                Box::new(d),
-                Box::new(w),
-                Box::new(m),
-                actor,
-                note,
-            ],
-            Settle::Void => vec![id, Box::new(now), actor, note],
-            Settle::Refund => vec![
-                id,
-                Box::new(now),
-                Box::new(d),
-                Box::new(w),
-                Box::new(m),
-                actor,
-                note,
-            ],
-        })
+        // Every statement takes the id first and the actor and note last; a
+        // commit adds its points, and what moves spend also the period windows.
+        let mut params: Params = vec![Box::new(id.as_str().to_owned())];
+        if let Settle::Commit(p) = how {
+            params.push(Box::new(to_i64(p.get())?));
+        }
+        params.push(Box::new(now));
+        if !matches!(how, Settle::Void) {
+            let [d, w, m] = self.windows(now);
+            params.extend([d, w, m].map(|x| Box::new(x) as _));
+        }
+        params.push(Box::new(actor.to_owned()));
+        params.push(Box::new(note.to_owned()));
+        Ok(params)
     }
 
     pub(super) async fn admin(
