@@ -92,7 +92,7 @@ pub struct TasksConfig {
     pub check_interval_secs: u64,
     /// Upstream checks in flight at once (the upstream has its own limits).
     pub check_concurrency: usize,
-    /// Tasks checked per round at most.
+    /// Tasks listed at a time by the check (a full list is followed by the next).
     pub check_batch: usize,
     /// First delay between tries of a client callback; grows by itself each try.
     pub callback_retry_base_ms: u64,
@@ -520,31 +520,49 @@ async fn deliver(gate: &Gate, url: &str, body: Vec<u8>, task_id: &str) {
     .await;
 }
 
-/// One round of the background check: ask the upstream about open tasks that
-/// nobody has asked about lately, a few at a time.
+/// One round of the background check: ask the upstream about the open tasks
+/// that nobody had asked about for `check_interval_secs` when the round began,
+/// `check_concurrency` at a time. They are listed `check_batch` at a time,
+/// oldest check first; a full list is followed by the next at once, so a
+/// backlog (tasks that ended upstream unpolled, with no callback) is worked off
+/// in one round instead of `check_batch` per interval. Each check marks its
+/// task checked before asking, so the round ends once the tasks due at its
+/// start are done; a task listed again (its mark failed to write) ends it too.
 pub async fn check_due(gate: &Gate) {
+    use futures_util::stream::{self, StreamExt};
     let cfg = &gate.cfg.tasks;
+    let batch = cfg.check_batch.max(1);
     let before = gate.clock.now() - chrono::Duration::seconds(cfg.check_interval_secs as i64);
-    let due = match gate
-        .ledger
-        .due_tasks(crate::ledger::Due::Check, before, cfg.check_batch)
-        .await
-    {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "listing open tasks failed");
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let due = match gate
+            .ledger
+            .due_tasks(crate::ledger::Due::Check, before, batch)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "listing open tasks failed");
+                return;
+            }
+        };
+        let full = due.len() >= batch;
+        let fresh: Vec<TaskRecord> = due
+            .into_iter()
+            .filter(|rec| seen.insert(rec.task_id.clone()))
+            .collect();
+        if fresh.is_empty() {
             return;
         }
-    };
-    if due.is_empty() {
-        return;
+        stream::iter(fresh)
+            .for_each_concurrent(cfg.check_concurrency.max(1), |rec| async move {
+                check_one(gate, &rec).await;
+            })
+            .await;
+        if !full {
+            return;
+        }
     }
-    use futures_util::stream::{self, StreamExt};
-    stream::iter(due)
-        .for_each_concurrent(cfg.check_concurrency.max(1), |rec| async move {
-            check_one(gate, &rec).await;
-        })
-        .await;
 }
 
 async fn check_one(gate: &Gate, rec: &TaskRecord) {

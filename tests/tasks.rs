@@ -117,6 +117,38 @@ async fn refunds_a_failed_task_found_by_the_background_check() {
     assert_eq!(refunds[0]["source"], "check");
 }
 
+/// Tasks that ended upstream with nobody polling and no callback pile up; one
+/// round of the check works them all off, not `check_batch` per interval.
+#[tokio::test]
+async fn the_background_check_works_off_a_backlog_in_one_round() {
+    const TASKS: usize = 24;
+    let env = Env::with(slow_tasks(), |c| {
+        c.tasks.check_interval_secs = 1;
+        c.tasks.check_batch = 1;
+    })
+    .await;
+    let (id, secret) = env.key(json!({"name": "a", "budget": 1000})).await;
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        tasks.push(submit(&env, &secret, FAIL_DRAW).await);
+    }
+    assert_eq!(env.account(&id).await["spent"], 12 * TASKS as i64);
+    // One task listed at a time: a check of one task per interval would take
+    // 24 s; `eventually` gives up after 10.
+    let ok = eventually(async || env.account(&id).await["spent"] == 0).await;
+    assert!(ok, "spent {}", env.account(&id).await["spent"]);
+    let refunds = audit_lines(&env, "refund").await;
+    assert_eq!(refunds.len(), TASKS, "one refund per task");
+    let mut refunded: Vec<&str> = refunds
+        .iter()
+        .inspect(|r| assert_eq!(r["source"], "check", "{r}"))
+        .map(|r| r["task_id"].as_str().unwrap())
+        .collect();
+    refunded.sort_unstable();
+    tasks.sort_unstable();
+    assert_eq!(refunded, tasks);
+}
+
 /// A client's callback receiver: records every body, answers 500 `fail_first` times.
 async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Vec<Value>>>) {
     let got = Arc::new(Mutex::new(Vec::<Value>::new()));
