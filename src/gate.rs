@@ -192,7 +192,7 @@ async fn serve(gate: Gate, req: Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// The phases in order. Returns the answer to send, or the refusal.
 async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outcome, Reject> {
-    let key = authenticate(gate, req.headers())?;
+    let key = authenticate(gate, req.headers()).await?;
     t.key = Some(key.clone());
     let route = route(gate, req.method(), &t.path)?;
     if let Route::Free(ep) | Route::Billable(ep) = route {
@@ -331,7 +331,7 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
 
 /// Authenticate: find the client's key from `Auth-Token: <key>` or
 /// `Authorization: Bearer <key>`. Missing, empty, unknown, disabled or expired → 1001.
-fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<ActiveKey>, Reject> {
+async fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<ActiveKey>, Reject> {
     let presented = headers
         .get("auth-token")
         .and_then(|v| v.to_str().ok())
@@ -355,7 +355,11 @@ fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<ActiveKey>, Reje
             "authentication failed: no key given (send Auth-Token or Authorization: Bearer)",
         ));
     };
-    match gate.keys.lookup(secret) {
+    let found = match gate.keys.lookup(secret) {
+        Some(k) => Some(k),
+        None => key_from_store(gate, secret).await,
+    };
+    match found {
         Some(k) if k.usable_at(gate.clock.now()) => Ok(k),
         Some(k) if k.disabled => Err(Reject::new(
             Code::Auth,
@@ -372,6 +376,34 @@ fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<ActiveKey>, Reje
             "auth",
             "authentication failed: unknown key",
         )),
+    }
+}
+
+/// A secret the key cache does not hold may be a key made or rotated on another
+/// replica since this gate's last poll of the shared store (up to a second
+/// ago): it is looked up there (at most `STORE_LOOKUPS_PER_SEC` a second), so
+/// that a key works on every replica as soon as it is made. A key found goes
+/// into the cache unless a later read of it is there already.
+async fn key_from_store(gate: &Gate, secret: &str) -> Option<Arc<ActiveKey>> {
+    if gate.cfg.ledger.backend != crate::ledger::BackendKind::Postgres
+        || !gate.limits.store_lookup()
+    {
+        return None;
+    }
+    match gate
+        .ledger
+        .key_by_hash(&crate::keys::hash_secret(secret))
+        .await
+    {
+        Ok(Some(rec)) => {
+            gate.keys.put_if_new(&rec);
+            gate.keys.lookup(secret)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "looking up an unknown key in the store failed");
+            None
+        }
     }
 }
 

@@ -385,6 +385,21 @@ impl KeyCache {
         self.write().put(rec);
     }
 
+    /// Put a key found in the store for a secret the cache did not hold, unless
+    /// the cache meanwhile holds its id or its secret: what is held then came
+    /// from a later read (a poll), and a copy read earlier must not undo it (a
+    /// key disabled in between would be usable again).
+    pub fn put_if_new(&self, rec: &KeyRecord) {
+        let Some(d) = stored_digest(&rec.secret_hash) else {
+            return;
+        };
+        let mut index = self.write();
+        if index.position_of_digest(&d).is_none() && index.position_of_id(rec.id.as_str()).is_none()
+        {
+            index.put(rec);
+        }
+    }
+
     /// Put changed keys (incremental reload from a shared store).
     pub fn put_all(&self, recs: &[KeyRecord]) {
         let mut index = self.write();
@@ -485,6 +500,24 @@ mod tests {
         c.put(&rec("k1", "czg_new"));
         assert!(c.lookup("czg_old").is_none());
         assert_eq!(c.lookup("czg_new").unwrap().id.as_str(), "k1");
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn a_key_read_from_the_store_on_a_miss_never_replaces_what_is_held() {
+        let c = KeyCache::default();
+        c.put_if_new(&rec("k1", "czg_a"));
+        assert_eq!(c.lookup("czg_a").unwrap().id.as_str(), "k1");
+        // Disabled by a later read (a poll): an earlier copy does not undo it.
+        let mut disabled = rec("k1", "czg_a");
+        disabled.disabled = true;
+        c.put(&disabled);
+        c.put_if_new(&rec("k1", "czg_a"));
+        assert!(c.lookup("czg_a").unwrap().disabled);
+        // Nor does a copy under another secret (a rotation the poll has not seen).
+        c.put_if_new(&rec("k1", "czg_b"));
+        assert!(c.lookup("czg_b").is_none());
+        assert!(c.lookup("czg_a").is_some());
         assert_eq!(c.len(), 1);
     }
 

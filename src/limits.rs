@@ -15,6 +15,32 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    fn full(cap: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: cap,
+            at: now,
+        }
+    }
+
+    /// Refills for the time since the last take, then takes one token if there is one.
+    fn take(&mut self, now: Instant, rate: f64, cap: f64) -> bool {
+        let refill = now.duration_since(self.at).as_secs_f64() * rate;
+        self.tokens = (self.tokens + refill).min(cap);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Store lookups of secrets the key cache does not hold, per second, per gate
+/// (with a shared store only; see [`Limits::store_lookup`]).
+pub const STORE_LOOKUPS_PER_SEC: u32 = 50;
+
 /// Why a submit was refused by a limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
@@ -36,11 +62,25 @@ pub enum LimitError {
 }
 
 /// The limiters of one gate.
-#[derive(Default)]
 pub struct Limits {
     buckets: DashMap<KeyId, Bucket>,
     in_flight: DashMap<KeyId, u32>,
     total: std::sync::atomic::AtomicU32,
+    lookups: std::sync::Mutex<Bucket>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            buckets: DashMap::new(),
+            in_flight: DashMap::new(),
+            total: Default::default(),
+            lookups: std::sync::Mutex::new(Bucket::full(
+                f64::from(STORE_LOOKUPS_PER_SEC),
+                Instant::now(),
+            )),
+        }
+    }
 }
 
 /// A held concurrency slot; give it back with [`Limits::release`] when the task ends,
@@ -65,19 +105,28 @@ impl Limits {
         };
         let cap = f64::from(burst.unwrap_or(rps).max(1));
         let now = Instant::now();
-        let mut b = self.buckets.entry(key.clone()).or_insert(Bucket {
-            tokens: cap,
-            at: now,
-        });
-        let refill = now.duration_since(b.at).as_secs_f64() * f64::from(rps);
-        b.tokens = (b.tokens + refill).min(cap);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        let mut b = self
+            .buckets
+            .entry(key.clone())
+            .or_insert(Bucket::full(cap, now));
+        if b.take(now, f64::from(rps), cap) {
             Ok(())
         } else {
             Err(LimitError::Rate { rps })
         }
+    }
+
+    /// Whether a presented secret the key cache does not hold may be looked up
+    /// in the shared store (a key made or rotated on another replica in the
+    /// last second). At most [`STORE_LOOKUPS_PER_SEC`] a second, so that
+    /// clients presenting made-up secrets cannot load the store; beyond that
+    /// the secret is refused as unknown, as it would be without the lookup.
+    pub fn store_lookup(&self) -> bool {
+        let cap = f64::from(STORE_LOOKUPS_PER_SEC);
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(Instant::now(), cap, cap)
     }
 
     /// Count one more task in flight for the key, within its limit and the global cap.
@@ -186,6 +235,19 @@ mod tests {
         );
         // Another key has its own bucket.
         l.check_rate(&k("b"), Some(1), Some(3)).unwrap();
+    }
+
+    #[test]
+    fn store_lookups_are_capped_per_second() {
+        let l = Limits::default();
+        let allowed = (0..STORE_LOOKUPS_PER_SEC * 3)
+            .filter(|_| l.store_lookup())
+            .count();
+        // A burst of one second's worth, plus what refills while counting.
+        assert!(
+            (STORE_LOOKUPS_PER_SEC as usize..STORE_LOOKUPS_PER_SEC as usize + 5).contains(&allowed),
+            "{allowed}"
+        );
     }
 
     #[test]

@@ -8,8 +8,7 @@
 
 mod common;
 
-use chuzhan_gate::ledger::BackendKind;
-use chuzhan_gate::server::{self, Running};
+use chuzhan_gate::server::Running;
 use chuzhan_gate::upstream::sim::SimConfig;
 use common::*;
 use serde_json::{json, Value};
@@ -25,23 +24,6 @@ struct Fleet {
     schema: String,
 }
 
-async fn replica(
-    sim: &chuzhan_gate::upstream::sim::SimHandle,
-    url: &str,
-    schema: &str,
-    dir: &std::path::Path,
-    instance: &str,
-    tweak: &dyn Fn(&mut chuzhan_gate::config::Config),
-) -> Result<Running, server::StartError> {
-    let mut cfg = gate_config(dir, &sim.url(), "sim-token");
-    tweak(&mut cfg);
-    cfg.ledger.backend = BackendKind::Postgres;
-    cfg.ledger.url = Some(url.to_owned());
-    cfg.ledger.schema = Some(schema.to_owned());
-    cfg.ledger.instance = Some(instance.to_owned());
-    server::start(cfg).await
-}
-
 async fn fleet(sim_cfg: SimConfig) -> Option<Fleet> {
     fleet_with(sim_cfg, &|_| {}).await
 }
@@ -50,19 +32,14 @@ async fn fleet_with(
     sim_cfg: SimConfig,
     tweak: &dyn Fn(&mut chuzhan_gate::config::Config),
 ) -> Option<Fleet> {
-    let Ok(url) = std::env::var("GATE_TEST_POSTGRES_URL") else {
-        eprintln!(
-            "GATE_TEST_POSTGRES_URL is not set: the fleet (PostgreSQL) gate tests were NOT run"
-        );
-        return None;
-    };
+    let url = postgres_url("the fleet (PostgreSQL) gate tests")?;
     let schema = format!("fleet_{}_{:08x}", std::process::id(), rand::random::<u32>());
     let sim = start_sim(sim_cfg).await;
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = replica(&sim, &url, &schema, da.path(), "replica-a", tweak)
+    let a = pg_replica(&sim, &url, &schema, da.path(), "replica-a", tweak)
         .await
         .expect("gate A must open the PostgreSQL ledger at GATE_TEST_POSTGRES_URL");
-    let b = replica(&sim, &url, &schema, db.path(), "replica-b", tweak)
+    let b = pg_replica(&sim, &url, &schema, db.path(), "replica-b", tweak)
         .await
         .expect("gate B");
     Some(Fleet {
@@ -218,6 +195,30 @@ async fn replicas_share_keys_and_never_overspend_a_shared_budget() {
     assert_eq!(v["code"], 1001, "{v}");
 }
 
+/// A key made on one replica works on the other at once, not only after its
+/// next poll of the store (up to a second later): an unknown secret is looked
+/// up in the store. A made-up one is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_made_on_one_replica_works_on_the_other_at_once() {
+    let Some(f) = fleet(SimConfig::default()).await else {
+        return;
+    };
+    for i in 0..5 {
+        let (_, secret) = f
+            .create_key(json!({"name": format!("fresh-{i}"), "budget": 100}))
+            .await;
+        let v = f.post(&f.b, "/aiapi/v1/draw", &secret, SEED_768).await;
+        assert_eq!(
+            v["code"], 0,
+            "key {i} on replica B right after it was made: {v}"
+        );
+    }
+    let made_up = format!("czg_{}", "0".repeat(48));
+    let v = f.post(&f.b, "/aiapi/v1/draw", &made_up, SEED_768).await;
+    assert_eq!(v["code"], 1001, "{v}");
+    assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 5);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_task_seen_by_both_replicas_is_refunded_once() {
     let Some(f) = fleet(SimConfig {
@@ -294,7 +295,7 @@ async fn a_replica_started_later_knows_every_key_and_then_follows_changes() {
         made.extend(batch);
     }
     let dir = tempfile::tempdir().unwrap();
-    let c = replica(&f.sim, &f.url, &f.schema, dir.path(), "replica-c", &|_| {})
+    let c = pg_replica(&f.sim, &f.url, &f.schema, dir.path(), "replica-c", &|_| {})
         .await
         .expect("gate C");
     for (_, secret) in [&made[0], &made[999], &made[1099]] {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use chuzhan_gate::config::{Config, Secret};
+use chuzhan_gate::ledger::BackendKind;
 use chuzhan_gate::server::{self, Running};
 use chuzhan_gate::upstream::sim::{self, SimConfig, SimHandle};
 use serde_json::{json, Value};
@@ -141,4 +142,47 @@ pub const SEED_768: &str = r#"{"prompt":"one boy","modelStyleId":1,"width":768,"
 
 pub fn draw_body(prompt: &str) -> String {
     json!({"prompt": prompt, "modelStyleId": 1, "width": 768, "height": 1024}).to_string()
+}
+
+/// `GATE_TEST_POSTGRES_URL`, or `None` with a loud line saying that `what` was
+/// NOT run. When it is set, the tests that use it fail if the server is
+/// unreachable.
+pub fn postgres_url(what: &str) -> Option<String> {
+    match std::env::var("GATE_TEST_POSTGRES_URL") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            eprintln!("GATE_TEST_POSTGRES_URL is not set: {what} were NOT run");
+            None
+        }
+    }
+}
+
+/// A gate replica on the PostgreSQL ledger at `url`, in `schema`.
+pub async fn pg_replica(
+    sim: &SimHandle,
+    url: &str,
+    schema: &str,
+    dir: &std::path::Path,
+    instance: &str,
+    tweak: &dyn Fn(&mut Config),
+) -> Result<Running, server::StartError> {
+    let mut cfg = gate_config(dir, &sim.url(), "sim-token");
+    tweak(&mut cfg);
+    cfg.ledger.backend = BackendKind::Postgres;
+    cfg.ledger.url = Some(url.to_owned());
+    cfg.ledger.schema = Some(schema.to_owned());
+    cfg.ledger.instance = Some(instance.to_owned());
+    server::start(cfg).await
+}
+
+/// Drops a test's PostgreSQL schema.
+pub async fn drop_schema(url: &str, schema: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to GATE_TEST_POSTGRES_URL");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .expect("drop the test schema");
 }
