@@ -776,6 +776,8 @@ struct Settlement {
     task_id: Option<String>,
     upstream_status: Option<u16>,
     upstream_code: Option<i64>,
+    /// A successful status with a body that is not JSON.
+    unreadable: bool,
     note: Option<String>,
 }
 
@@ -841,6 +843,7 @@ async fn settle(
         task_id: None,
         upstream_status: None,
         upstream_code: None,
+        unreadable: false,
         note: None,
     };
     // What an unknown outcome costs: the reservation, or nothing, by policy.
@@ -877,6 +880,7 @@ async fn settle(
                     }
                 }
                 None => {
+                    s.unreadable = true;
                     s.note = Some("upstream answer is not JSON: outcome unknown".into());
                     if_unknown
                 }
@@ -945,7 +949,20 @@ fn finish_billable(
         }
     };
     match fwd {
+        Err(e @ ForwardError::Unknown(_)) => {
+            tracing::warn!(error = %e, "upstream answer lost");
+            Err(unknown_outcome(
+                s,
+                "the upstream's answer was lost after the request was sent",
+            ))
+        }
         Err(e) => Err(upstream_reject(&e)),
+        // A successful status with a body that is not JSON (cut short, say) would
+        // reach the client as bytes it cannot read, after a charge it cannot see.
+        Ok(_) if s.unreadable => Err(unknown_outcome(
+            s,
+            "the upstream's answer could not be read",
+        )),
         Ok(mut a) => {
             if s.upstream_code == Some(0) && s.task_id.is_some() {
                 a.body = Bytes::from(rewrite_submit(&a.body, s.charged, s.remaining));
@@ -953,6 +970,21 @@ fn finish_billable(
             Ok(Outcome::Upstream(a))
         }
     }
+}
+
+/// The answer to a submit whose outcome is unknown: what happened, and what it
+/// cost by the operator's `upstream.unknown_outcome` policy.
+fn unknown_outcome(s: &Settlement, what: &str) -> Reject {
+    let msg = if s.charged.get() > 0 {
+        format!(
+            "{what}: the upstream may have run it, so it was charged {} points \
+             ({} remain); X-Request-Id identifies it to the operator",
+            s.charged, s.remaining
+        )
+    } else {
+        format!("{what}: its outcome is unknown; nothing was charged")
+    };
+    Reject::new(Code::Internal, "upstream", msg)
 }
 
 /// Set `data.used` and `data.balance` in a submit answer, changing nothing else.

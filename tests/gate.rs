@@ -284,12 +284,22 @@ async fn upstream_http_500_voids() {
 async fn connection_reset_after_sending_charges_by_default() {
     let (v, acc) = fault_case(chuzhan_gate::upstream::sim::Fault::ResetMidAnswer).await;
     assert_eq!(v["code"], 1, "{v}");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(msg.contains("answer was lost"), "{msg}");
+    assert!(msg.contains("charged 12 points (88 remain)"), "{msg}");
     assert_eq!(acc["spent"], 12);
 }
 
+/// The client gets the gate's envelope saying what it was charged, not the
+/// half of a JSON body it could not read.
 #[tokio::test]
 async fn invalid_json_answer_is_an_unknown_outcome_and_charges_by_default() {
-    let (_, acc) = fault_case(chuzhan_gate::upstream::sim::Fault::InvalidJson).await;
+    let (v, acc) = fault_case(chuzhan_gate::upstream::sim::Fault::InvalidJson).await;
+    assert_eq!(v["code"], 1, "{v}");
+    assert_eq!(v["success"], false, "{v}");
+    let msg = v["msg"].as_str().unwrap();
+    assert!(msg.contains("could not be read"), "{msg}");
+    assert!(msg.contains("charged 12 points (88 remain)"), "{msg}");
     assert_eq!(acc["spent"], 12);
 }
 
@@ -302,7 +312,12 @@ async fn unknown_outcome_policy_void_is_honoured() {
     let (id, secret) = env.key(json!({"name": "a", "budget": 100})).await;
     env.sim
         .set_fault(chuzhan_gate::upstream::sim::Fault::ResetMidAnswer);
-    env.post("/aiapi/v1/draw", &secret, SEED_768).await;
+    let (_, v, _) = env.post("/aiapi/v1/draw", &secret, SEED_768).await;
+    assert_eq!(v["code"], 1, "{v}");
+    assert!(
+        v["msg"].as_str().unwrap().ends_with("nothing was charged"),
+        "{v}"
+    );
     assert_eq!(env.account(&id).await["spent"], 0);
 }
 

@@ -383,6 +383,11 @@ async fn reconcile(t: Target<'_>, seed: u64) {
             .post(0, "/aiapi/v1/draw", &secrets[0], None, SEED_768)
             .await;
         t.sim.set_fault(Fault::None);
+        assert!(
+            v["code"].is_i64(),
+            "{}: the client gets an envelope: {v}",
+            fault.name()
+        );
         codes.insert(fault.name(), v["code"].clone());
         if fault == Fault::ResetBeforeAnswer {
             lost_after_sending += 12;
