@@ -302,16 +302,8 @@ pub const REFUND_GRACE: std::time::Duration = std::time::Duration::from_secs(10)
 /// refunds moved points.
 pub async fn refund_due(gate: &Gate, grace: std::time::Duration) -> usize {
     let before = gate.clock.now() - chrono::Duration::from_std(grace).unwrap_or_default();
-    let due = match gate
-        .ledger
-        .due_tasks(crate::ledger::Due::Refund, before, REFUND_BATCH)
-        .await
-    {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "listing refunds due failed");
-            return 0;
-        }
+    let Some(due) = list_due(gate, crate::ledger::Due::Refund, before, REFUND_BATCH).await else {
+        return 0;
     };
     let mut made = 0;
     for rec in due {
@@ -520,6 +512,23 @@ async fn deliver(gate: &Gate, url: &str, body: Vec<u8>, task_id: &str) {
     .await;
 }
 
+/// The tasks due for `what` whose last check is before `before`, oldest first;
+/// `None` (logged) when the store cannot list them.
+async fn list_due(
+    gate: &Gate,
+    what: crate::ledger::Due,
+    before: DateTime<Utc>,
+    limit: usize,
+) -> Option<Vec<TaskRecord>> {
+    match gate.ledger.due_tasks(what, before, limit).await {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!(error = %e, due = ?what, "listing due tasks failed");
+            None
+        }
+    }
+}
+
 /// One round of the background check: ask the upstream about the open tasks
 /// that nobody had asked about for `check_interval_secs` when the round began,
 /// `check_concurrency` at a time. They are listed `check_batch` at a time,
@@ -535,16 +544,8 @@ pub async fn check_due(gate: &Gate) {
     let before = gate.clock.now() - chrono::Duration::seconds(cfg.check_interval_secs as i64);
     let mut seen = std::collections::HashSet::new();
     loop {
-        let due = match gate
-            .ledger
-            .due_tasks(crate::ledger::Due::Check, before, batch)
-            .await
-        {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "listing open tasks failed");
-                return;
-            }
+        let Some(due) = list_due(gate, crate::ledger::Due::Check, before, batch).await else {
+            return;
         };
         let full = due.len() >= batch;
         let fresh: Vec<TaskRecord> = due
