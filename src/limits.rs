@@ -243,11 +243,10 @@ mod tests {
         let allowed = (0..STORE_LOOKUPS_PER_SEC * 3)
             .filter(|_| l.store_lookup())
             .count();
-        // A burst of one second's worth, plus what refills while counting.
-        assert!(
-            (STORE_LOOKUPS_PER_SEC as usize..STORE_LOOKUPS_PER_SEC as usize + 5).contains(&allowed),
-            "{allowed}"
-        );
+        // A burst of one second's worth, plus what refills while counting
+        // (nothing, unless the thread is held off the CPU for a while).
+        let cap = STORE_LOOKUPS_PER_SEC as usize;
+        assert!((cap..cap + cap / 2).contains(&allowed), "{allowed}");
     }
 
     #[test]
