@@ -215,21 +215,13 @@ async fn client(t: &Target<'_>, secrets: &[String], book: &Mutex<Book>, seed: u6
     }
 }
 
-fn detail_path(submit: &str) -> &'static str {
-    match submit {
-        "/aiapi/v1/mj/draw" => "/aiapi/v1/mj/task/progress",
-        "/aiapi/workflow/run" => "/aiapi/workflow/task/detail",
-        _ => "/aiapi/v1/task/detail",
-    }
-}
-
 /// Polls the task through the gate until it ends; true when it failed.
 async fn follow(t: &Target<'_>, secret: &str, a: &Accepted) -> bool {
     for attempt in 0..200 {
         let v = t
             .post(
                 attempt,
-                detail_path(a.submit),
+                chuzhan_gate::tasks::detail_path(a.submit),
                 secret,
                 None,
                 &json!({"taskId": a.task}).to_string(),
