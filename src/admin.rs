@@ -463,8 +463,7 @@ async fn create_key(gate: &Gate, body: &[u8], actor: &str) -> Answer {
             .open_account(&rec.id, budget, period, actor, "key created")
             .await
             .map_err(internal)?;
-        gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(&rec);
+        store_key(gate, &rec).await?;
         admin_audit(
             gate,
             actor,
@@ -492,7 +491,30 @@ async fn find_key(gate: &Gate, id: &str) -> Result<KeyRecord, Answer> {
         .key_by_id(&KeyId(id.to_owned()))
         .await
         .map_err(internal)?
+        .map(|(rec, _)| rec)
         .ok_or_else(|| error(StatusCode::NOT_FOUND, Some("id"), format!("no key {id}")))
+}
+
+/// Writes a key to the store, then to this gate's cache under the version the
+/// store gave it (so no older read of the key can replace it there).
+async fn store_key(gate: &Gate, rec: &KeyRecord) -> Result<(), Answer> {
+    let version = gate.ledger.put_key(rec).await.map_err(internal)?;
+    gate.keys.put(rec, version);
+    Ok(())
+}
+
+/// A page of key records, without their versions.
+async fn key_page(
+    gate: &Gate,
+    after: Option<&KeyId>,
+    limit: usize,
+) -> Result<Vec<KeyRecord>, Answer> {
+    let page = gate
+        .ledger
+        .keys_page(after, limit)
+        .await
+        .map_err(internal)?;
+    Ok(page.into_iter().map(|(rec, _)| rec).collect())
 }
 
 /// Keys per page at most, and without `limit`.
@@ -539,11 +561,7 @@ async fn list_keys(gate: &Gate, query: &str) -> Answer {
         }
         let limit = limit.unwrap_or(PAGE_DEFAULT);
         // One more than asked, to know whether a next page exists.
-        let mut recs = gate
-            .ledger
-            .keys_page(after.as_ref(), limit + 1)
-            .await
-            .map_err(internal)?;
+        let mut recs = key_page(gate, after.as_ref(), limit + 1).await?;
         let more = recs.len() > limit;
         recs.truncate(limit);
         let next = recs.last().filter(|_| more).map(|r| r.id.clone());
@@ -575,11 +593,7 @@ async fn list_all_keys(gate: &Gate) -> Result<Answer, Answer> {
     let (mut ids, mut views) = (String::new(), Vec::new());
     let mut after: Option<KeyId> = None;
     loop {
-        let recs = gate
-            .ledger
-            .keys_page(after.as_ref(), PAGE_MAX)
-            .await
-            .map_err(internal)?;
+        let recs = key_page(gate, after.as_ref(), PAGE_MAX).await?;
         for (rec, view) in recs.iter().zip(key_views(gate, &recs).await?) {
             let id = ids.len()..ids.len() + rec.id.as_str().len();
             ids.push_str(rec.id.as_str());
@@ -694,8 +708,7 @@ async fn patch_key(gate: &Gate, id: &str, body: &[u8], actor: &str) -> Answer {
                 .await
                 .map_err(internal)?;
         }
-        gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(&rec);
+        store_key(gate, &rec).await?;
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         admin_audit(gate, actor, "key_update", &rec.id, Value::Object(m)).await;
         Ok::<_, Answer>(json_answer(StatusCode::OK, &key_view(&rec, Some(&acc))))
@@ -708,8 +721,7 @@ async fn disable_key(gate: &Gate, id: &str, actor: &str) -> Answer {
         let mut rec = find_key(gate, id).await?;
         rec.disabled = true;
         rec.updated_at = gate.clock.now();
-        gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(&rec);
+        store_key(gate, &rec).await?;
         admin_audit(gate, actor, "key_disable", &rec.id, Value::Null).await;
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         Ok::<_, Answer>(json_answer(StatusCode::OK, &key_view(&rec, Some(&acc))))
@@ -751,8 +763,7 @@ async fn rotate(gate: &Gate, id: &str, actor: &str) -> Answer {
         rec.secret_hash = keys::hash_secret(&secret);
         rec.secret_prefix = keys::secret_prefix(&secret);
         rec.updated_at = gate.clock.now();
-        gate.ledger.put_key(&rec).await.map_err(internal)?;
-        gate.keys.put(&rec);
+        store_key(gate, &rec).await?;
         admin_audit(gate, actor, "key_rotate", &rec.id, Value::Null).await;
         let acc = gate.ledger.account(&rec.id).await.map_err(internal)?;
         let mut v = key_view(&rec, Some(&acc));

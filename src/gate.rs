@@ -359,6 +359,11 @@ async fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<ActiveKey>
         Some(k) => Some(k),
         None => key_from_store(gate, secret).await,
     };
+    usable(gate, found)
+}
+
+/// The key a secret found (if any), or why it may not be used.
+fn usable(gate: &Gate, found: Option<Arc<ActiveKey>>) -> Result<Arc<ActiveKey>, Reject> {
     match found {
         Some(k) if k.usable_at(gate.clock.now()) => Ok(k),
         Some(k) if k.disabled => Err(Reject::new(
@@ -382,8 +387,8 @@ async fn authenticate(gate: &Gate, headers: &HeaderMap) -> Result<Arc<ActiveKey>
 /// A secret the key cache does not hold may be a key made or rotated on another
 /// replica since this gate's last poll of the shared store (up to a second
 /// ago): it is looked up there (at most `STORE_LOOKUPS_PER_SEC` a second), so
-/// that a key works on every replica as soon as it is made. A key found goes
-/// into the cache unless a later read of it is there already.
+/// that a key works on every replica as soon as it is made or rotated. The
+/// copy found goes into the cache unless a later version is there already.
 async fn key_from_store(gate: &Gate, secret: &str) -> Option<Arc<ActiveKey>> {
     if gate.cfg.ledger.backend != crate::ledger::BackendKind::Postgres
         || !gate.limits.store_lookup()
@@ -395,8 +400,8 @@ async fn key_from_store(gate: &Gate, secret: &str) -> Option<Arc<ActiveKey>> {
         .key_by_hash(&crate::keys::hash_secret(secret))
         .await
     {
-        Ok(Some(rec)) => {
-            gate.keys.put_if_new(&rec);
+        Ok(Some((rec, version))) => {
+            gate.keys.put(&rec, version);
             gate.keys.lookup(secret)
         }
         Ok(None) => None,
@@ -684,7 +689,12 @@ async fn reserve(
 ) -> Result<Reservation, Reject> {
     let points = Points(key.charge_for(quote.points.get()));
     let id = TransferId(request_id.to_owned());
-    match gate.ledger.reserve(&key.id, points, &id).await {
+    let secret_hash = key.secret_hash();
+    match gate
+        .ledger
+        .reserve_as(&key.id, Some(&secret_hash), points, &id)
+        .await
+    {
         Ok(r) => {
             gate.metrics
                 .points(key.id.as_str(), "reserved", points.get());
@@ -694,7 +704,35 @@ async fn reserve(
                 remaining: r.remaining,
             })
         }
+        Err(LedgerError::KeyRefused(_)) => Err(key_refused(gate, key, &secret_hash).await),
         Err(e) => Err(ledger_reject(e)),
+    }
+}
+
+/// The shared store refused a reservation for a key this gate's cache holds as
+/// usable: it was disabled, expired or rotated on another replica since this
+/// gate's last poll. The key is read again at once (so the cache stops
+/// admitting it) and the client told why, as authentication would have.
+async fn key_refused(gate: &Gate, key: &ActiveKey, secret_hash: &str) -> Reject {
+    let fresh = match gate.ledger.key_by_id(&key.id).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(key = %key.id, error = %e, "reading a refused key again failed");
+            None
+        }
+    };
+    let now_usable = fresh.and_then(|(rec, version)| {
+        gate.keys.put(&rec, version);
+        (rec.secret_hash == secret_hash).then(|| Arc::new(ActiveKey::from(&rec)))
+    });
+    match usable(gate, now_usable) {
+        // Enabled again in the meantime; this request was still refused.
+        Ok(_) => Reject::new(
+            Code::Auth,
+            "auth",
+            "authentication failed: the key changed while this request was checked; send it again",
+        ),
+        Err(r) => r,
     }
 }
 

@@ -87,9 +87,17 @@ pub struct ActiveKey {
     pub disabled: bool,
     /// After this time the key is refused with 1001.
     pub expires_at: Option<DateTime<Utc>>,
+    /// SHA-256 of the secret the request presented (the key's, when it matched).
+    digest: [u8; 32],
 }
 
 impl ActiveKey {
+    /// Hex SHA-256 of the secret this key was found by: what a shared store
+    /// checks a reservation against (see `Ledger::reserve_as`).
+    pub fn secret_hash(&self) -> String {
+        hex::encode(self.digest)
+    }
+
     /// Human name (shown to the client as `companyName`, written to the audit log).
     pub fn name(&self) -> &str {
         self.name.as_str()
@@ -110,7 +118,7 @@ impl ActiveKey {
 
 impl From<&KeyRecord> for ActiveKey {
     fn from(r: &KeyRecord) -> ActiveKey {
-        Entry::new(r, [0; 32], 0).active()
+        Entry::new(r, stored_digest(&r.secret_hash).unwrap_or_default(), 0, 0).active()
     }
 }
 
@@ -170,10 +178,12 @@ struct Entry {
     disabled: bool,
     /// The reload generation that last saw this key (see [`Reload`]).
     seen: u32,
+    /// The store's version of this record (see [`KeyCache::put`]).
+    version: u64,
 }
 
 impl Entry {
-    fn new(rec: &KeyRecord, digest: [u8; 32], seen: u32) -> Entry {
+    fn new(rec: &KeyRecord, digest: [u8; 32], seen: u32, version: u64) -> Entry {
         Entry {
             digest,
             id: Text::new(rec.id.as_str()),
@@ -185,6 +195,7 @@ impl Entry {
             expires_at: rec.expires_at,
             disabled: rec.disabled,
             seen,
+            version,
         }
     }
 
@@ -198,6 +209,7 @@ impl Entry {
             burst: self.burst,
             disabled: self.disabled,
             expires_at: self.expires_at,
+            digest: self.digest,
         }
     }
 }
@@ -323,20 +335,35 @@ impl Index {
         self.entries.swap_remove(at);
     }
 
-    fn put(&mut self, rec: &KeyRecord) {
+    /// Puts `rec` read at `version`, unless a later version of it is held (which
+    /// only counts as seen by the running reload).
+    fn put(&mut self, rec: &KeyRecord, version: u64) {
         let Some(d) = stored_digest(&rec.secret_hash) else {
             tracing::error!(key = %rec.id, "key record with a malformed hash ignored");
             return;
         };
-        // A digest held by another id (the store refuses that; a stale copy
-        // could still say so) now belongs to this key only.
-        if let Some(other) = self.position_of_digest(&d) {
-            if self.entries[other].id.as_str() != rec.id.as_str() {
-                self.remove(other);
+        let held = self.position_of_id(rec.id.as_str());
+        if let Some(at) = held {
+            if self.entries[at].version > version {
+                self.entries[at].seen = self.generation;
+                return;
             }
         }
-        let entry = Entry::new(rec, d, self.generation);
-        match self.position_of_id(rec.id.as_str()) {
+        // A digest held by another id (the store refuses that; a stale copy
+        // could still say so) now belongs to this key only, unless that
+        // other key's copy is the later one.
+        if let Some(other) = self.position_of_digest(&d) {
+            if self.entries[other].id.as_str() != rec.id.as_str() {
+                if self.entries[other].version > version {
+                    return;
+                }
+                self.remove(other);
+                // `remove` moves the last entry into the freed place.
+                return self.put(rec, version);
+            }
+        }
+        let entry = Entry::new(rec, d, self.generation, version);
+        match held {
             Some(at) => {
                 let old = self.entries[at].digest;
                 if old != d {
@@ -380,31 +407,21 @@ impl KeyCache {
         Some(std::sync::Arc::new(index.entries[at].active()))
     }
 
-    /// Put (or replace) a key; a rotated key's old hash stops matching.
-    pub fn put(&self, rec: &KeyRecord) {
-        self.write().put(rec);
+    /// Put (or replace) a key read from the store at `version`; a rotated key's
+    /// old hash stops matching. Reads of a shared store race (a miss lookup, the
+    /// poll, the minute's reload, an admin action's own write), so a copy older
+    /// than the one held is ignored: an earlier read must not undo a disable or
+    /// rotation that a later one brought. Versions are the store's change
+    /// sequence; the embedded store numbers its own writes.
+    pub fn put(&self, rec: &KeyRecord, version: u64) {
+        self.write().put(rec, version);
     }
 
-    /// Put a key found in the store for a secret the cache did not hold, unless
-    /// the cache meanwhile holds its id or its secret: what is held then came
-    /// from a later read (a poll), and a copy read earlier must not undo it (a
-    /// key disabled in between would be usable again).
-    pub fn put_if_new(&self, rec: &KeyRecord) {
-        let Some(d) = stored_digest(&rec.secret_hash) else {
-            return;
-        };
+    /// Put changed keys, each with its version.
+    pub fn put_all(&self, recs: &[(KeyRecord, u64)]) {
         let mut index = self.write();
-        if index.position_of_digest(&d).is_none() && index.position_of_id(rec.id.as_str()).is_none()
-        {
-            index.put(rec);
-        }
-    }
-
-    /// Put changed keys (incremental reload from a shared store).
-    pub fn put_all(&self, recs: &[KeyRecord]) {
-        let mut index = self.write();
-        for r in recs {
-            index.put(r);
+        for (r, v) in recs {
+            index.put(r, *v);
         }
     }
 
@@ -443,7 +460,7 @@ pub struct Reload<'a> {
 
 impl Reload<'_> {
     /// Puts one page of the store's keys.
-    pub fn put_page(&mut self, recs: &[KeyRecord]) {
+    pub fn put_page(&mut self, recs: &[(KeyRecord, u64)]) {
         self.cache.put_all(recs);
     }
 
@@ -488,44 +505,53 @@ mod tests {
 
     fn reload(c: &KeyCache, recs: &[KeyRecord]) -> usize {
         let mut r = c.reload();
-        r.put_page(recs);
+        let page: Vec<(KeyRecord, u64)> = recs.iter().map(|k| (k.clone(), 0)).collect();
+        r.put_page(&page);
         r.finish()
     }
 
     #[test]
     fn a_rotated_key_stops_matching_its_old_secret() {
         let c = KeyCache::default();
-        c.put(&rec("k1", "czg_old"));
+        c.put(&rec("k1", "czg_old"), 0);
         assert!(c.lookup("czg_old").is_some());
-        c.put(&rec("k1", "czg_new"));
+        c.put(&rec("k1", "czg_new"), 0);
         assert!(c.lookup("czg_old").is_none());
         assert_eq!(c.lookup("czg_new").unwrap().id.as_str(), "k1");
         assert_eq!(c.len(), 1);
     }
 
     #[test]
-    fn a_key_read_from_the_store_on_a_miss_never_replaces_what_is_held() {
+    fn an_older_copy_of_a_key_never_replaces_a_newer_one() {
         let c = KeyCache::default();
-        c.put_if_new(&rec("k1", "czg_a"));
+        c.put(&rec("k1", "czg_a"), 5);
         assert_eq!(c.lookup("czg_a").unwrap().id.as_str(), "k1");
-        // Disabled by a later read (a poll): an earlier copy does not undo it.
+        // Disabled at version 7 (a poll): a copy read earlier does not undo it.
         let mut disabled = rec("k1", "czg_a");
         disabled.disabled = true;
-        c.put(&disabled);
-        c.put_if_new(&rec("k1", "czg_a"));
+        c.put(&disabled, 7);
+        c.put(&rec("k1", "czg_a"), 6);
         assert!(c.lookup("czg_a").unwrap().disabled);
-        // Nor does a copy under another secret (a rotation the poll has not seen).
-        c.put_if_new(&rec("k1", "czg_b"));
+        // Nor does an earlier copy under another secret.
+        c.put(&rec("k1", "czg_b"), 6);
         assert!(c.lookup("czg_b").is_none());
         assert!(c.lookup("czg_a").is_some());
+        // A later rotation (a miss lookup of the new secret) replaces it at once.
+        c.put(&rec("k1", "czg_b"), 8);
+        assert!(c.lookup("czg_a").is_none());
+        assert!(!c.lookup("czg_b").unwrap().disabled);
         assert_eq!(c.len(), 1);
+        // An older copy in a reload counts as seen: the key stays.
+        assert_eq!(reload(&c, &[rec("k1", "czg_a")]), 1);
+        assert!(c.lookup("czg_b").is_some());
+        assert!(c.lookup("czg_a").is_none());
     }
 
     #[test]
     fn reload_drops_keys_no_longer_in_the_store() {
         let c = KeyCache::default();
-        c.put(&rec("k1", "czg_a"));
-        c.put(&rec("k2", "czg_b"));
+        c.put(&rec("k1", "czg_a"), 0);
+        c.put(&rec("k2", "czg_b"), 0);
         assert_eq!(reload(&c, &[rec("k2", "czg_b")]), 1);
         assert!(c.lookup("czg_a").is_none());
         assert!(c.lookup("czg_b").is_some());
@@ -535,10 +561,10 @@ mod tests {
     #[test]
     fn a_key_put_during_a_reload_is_kept() {
         let c = KeyCache::default();
-        c.put(&rec("k1", "czg_a"));
+        c.put(&rec("k1", "czg_a"), 0);
         let mut r = c.reload();
-        r.put_page(&[rec("k1", "czg_a")]);
-        c.put(&rec("k2", "czg_b"));
+        r.put_page(&[(rec("k1", "czg_a"), 0)]);
+        c.put(&rec("k2", "czg_b"), 0);
         assert_eq!(r.finish(), 2);
         assert!(c.lookup("czg_b").is_some());
     }
@@ -546,8 +572,8 @@ mod tests {
     #[test]
     fn a_secret_moved_to_another_key_matches_only_that_key() {
         let c = KeyCache::default();
-        c.put(&rec("k1", "czg_a"));
-        c.put(&rec("k2", "czg_a"));
+        c.put(&rec("k1", "czg_a"), 0);
+        c.put(&rec("k2", "czg_a"), 0);
         assert_eq!(c.lookup("czg_a").unwrap().id.as_str(), "k2");
         assert_eq!(c.len(), 1);
     }
@@ -588,7 +614,7 @@ mod tests {
         r.concurrency = Some(2);
         r.rate_milli = 1250;
         r.expires_at = Some(Utc::now() + chrono::Duration::hours(1));
-        c.put(&r);
+        c.put(&r, 0);
         assert_eq!(*c.lookup("czg_x").unwrap(), ActiveKey::from(&r));
         assert_eq!(c.lookup("czg_x").unwrap().name(), r.name);
     }

@@ -202,7 +202,7 @@ async fn load_keys(ledger: &Ledger, keys: &KeyCache) -> Result<usize, LedgerErro
         let page = ledger.keys_page(after.as_ref(), KEY_PAGE).await?;
         reload.put_page(&page);
         match page.last() {
-            Some(last) if page.len() == KEY_PAGE => after = Some(last.id.clone()),
+            Some(last) if page.len() == KEY_PAGE => after = Some(last.0.id.clone()),
             _ => break,
         }
     }

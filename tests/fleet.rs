@@ -219,6 +219,89 @@ async fn a_key_made_on_one_replica_works_on_the_other_at_once() {
     assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 5);
 }
 
+/// Disabling or rotating a key on one replica stops it paying for anything on
+/// every replica at once, though the others' caches learn of it only at their
+/// next poll (up to a second later): the reservation itself checks the key in
+/// the shared store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_disabled_or_rotated_on_one_replica_pays_for_nothing_on_another_at_once() {
+    let Some(f) = fleet(SimConfig::default()).await else {
+        return;
+    };
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let (id, secret) = f
+            .create_key(json!({"name": format!("k{i}"), "budget": 100}))
+            .await;
+        // B holds the key as usable (a draw on B, once it knows it).
+        f.until_b_knows(&secret).await;
+        let v = f.post(&f.b, "/aiapi/v1/draw", &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+        keys.push((id, secret));
+    }
+    let admin = |method: reqwest::Method, path: String| {
+        f.http
+            .request(
+                method,
+                format!("http://{}/admin/keys/{path}", f.a.admin_addr),
+            )
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+    };
+    let ledger = &f.b.gate.ledger;
+    let spent = |id: &str| {
+        let id = chuzhan_gate::points::KeyId(id.to_owned());
+        async move { ledger.account(&id).await.unwrap().spent.get() }
+    };
+    let submits = || f.sim.stats().submits.values().sum::<u64>();
+    let before = submits();
+    // Key 0 is disabled; keys 1 and 2 are rotated, and B sees key 1's old
+    // secret first (its cache still holds it as usable: the reservation is
+    // refused), key 2's new one first (a secret B does not hold: looked up).
+    for (n, (id, secret)) in keys.iter().enumerate() {
+        let charged = spent(id).await;
+        if n == 0 {
+            let r = admin(reqwest::Method::DELETE, id.clone()).await.unwrap();
+            assert!(r.status().is_success(), "{}", r.status());
+        } else {
+            let v: Value = admin(reqwest::Method::POST, format!("{id}/rotate"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let new = v["key"].as_str().unwrap().to_owned();
+            if n == 2 {
+                let v = f.post(&f.b, "/aiapi/v1/draw", &new, SEED_768).await;
+                assert_eq!(v["code"], 0, "key {n}'s new secret on B at once: {v}");
+            }
+            // The old secret buys nothing on B at once.
+            let v = f.post(&f.b, "/aiapi/v1/draw", secret, SEED_768).await;
+            assert_eq!(v["code"], 1001, "key {n}'s old secret on B: {v}");
+            let why = v["msg"].as_str().unwrap();
+            assert!(why.contains("unknown key"), "{why}");
+            if n == 1 {
+                let v = f.post(&f.b, "/aiapi/v1/draw", &new, SEED_768).await;
+                assert_eq!(v["code"], 0, "key {n}'s new secret on B at once: {v}");
+            }
+            continue;
+        }
+        // At once, on B: the disabled key buys nothing.
+        let v = f.post(&f.b, "/aiapi/v1/draw", secret, SEED_768).await;
+        assert_eq!(v["code"], 1001, "disabled key on B: {v}");
+        let why = v["msg"].as_str().unwrap();
+        assert!(why.contains("key is disabled"), "{why}");
+        assert_eq!(spent(id).await, charged, "a refused draw was charged");
+        // B's cache knows now: the next request is refused before the ledger.
+        let v = f.post(&f.b, "/aiapi/v1/draw", secret, SEED_768).await;
+        assert_eq!(v["code"], 1001, "{v}");
+    }
+    // The upstream saw only the two draws of the rotated keys' new secrets.
+    assert_eq!(submits() - before, 2);
+    let report = f.a.gate.ledger.verify().await.unwrap();
+    assert!(report.mismatches.is_empty(), "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_task_seen_by_both_replicas_is_refunded_once() {
     let Some(f) = fleet(SimConfig {

@@ -499,8 +499,8 @@ async fn a_client_hanging_up_while_its_request_waits_leaves_nothing_pending() {
         )
         .await
         .unwrap();
-    g.ledger.put_key(&rec).await.unwrap();
-    g.keys.put(&rec);
+    let version = g.ledger.put_key(&rec).await.unwrap();
+    g.keys.put(&rec, version);
     // The audit log cannot be written: its records queue up and requests wait.
     let dir = g.cfg.audit_dir();
     std::fs::remove_dir_all(&dir).unwrap();

@@ -183,6 +183,7 @@ conformance!(
     keeps_idempotency_records_scoped_to_the_key,
     answers_an_idempotency_key_left_in_flight_past_the_pending_ttl,
     stores_and_finds_key_records,
+    a_shared_store_reserves_only_for_a_usable_key_under_the_secret_presented,
     pages_through_key_records_in_id_order,
     verify_detects_a_tampered_account,
     budget_changes_are_recorded_transfers,
@@ -710,11 +711,19 @@ async fn stores_and_finds_key_records(fx: &Fx) {
     let l = fx.open(system()).await;
     let r1 = record("key_0000000000000001", &"a".repeat(64), "studio one");
     let r2 = record("key_0000000000000002", &"b".repeat(64), "studio two");
-    l.put_key(&r1).await.unwrap();
-    l.put_key(&r2).await.unwrap();
-    assert_eq!(l.key_by_id(&r1.id).await.unwrap(), Some(r1.clone()));
+    let v1 = l.put_key(&r1).await.unwrap();
+    let v2 = l.put_key(&r2).await.unwrap();
+    assert!(v2 > v1, "every key write gets a later version: {v1}, {v2}");
+    let (found, read_at) = l.key_by_id(&r1.id).await.unwrap().unwrap();
+    assert_eq!(found, r1);
+    // A read is never newer than the last write (the embedded ledger's reads
+    // are version 0; PostgreSQL's are the row's change sequence).
+    assert!(read_at <= v1);
     assert_eq!(
-        l.key_by_hash(&"b".repeat(64)).await.unwrap(),
+        l.key_by_hash(&"b".repeat(64))
+            .await
+            .unwrap()
+            .map(|(r, _)| r),
         Some(r2.clone())
     );
     assert_eq!(l.key_by_hash(&"c".repeat(64)).await.unwrap(), None);
@@ -723,8 +732,11 @@ async fn stores_and_finds_key_records(fx: &Fx) {
     let mut changed = r1.clone();
     changed.name = "studio one, renamed".into();
     changed.disabled = true;
-    l.put_key(&changed).await.unwrap();
-    assert_eq!(l.key_by_id(&r1.id).await.unwrap(), Some(changed.clone()));
+    let v3 = l.put_key(&changed).await.unwrap();
+    assert!(v3 > v2);
+    let (found, read_at) = l.key_by_id(&r1.id).await.unwrap().unwrap();
+    assert_eq!(found, changed);
+    assert!(read_at <= v3);
     let all = l.keys().await.unwrap();
     assert_eq!(all, vec![changed.clone(), r2.clone()]);
 
@@ -735,6 +747,93 @@ async fn stores_and_finds_key_records(fx: &Fx) {
         Err(LedgerError::Conflict(_))
     ));
     assert_eq!(l.keys().await.unwrap().len(), 2);
+}
+
+async fn a_shared_store_reserves_only_for_a_usable_key_under_the_secret_presented(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let shared = matches!(fx.store, Store::Postgres { .. });
+    let (a, b, c, wrong) = (
+        "a".repeat(64),
+        "b".repeat(64),
+        "c".repeat(64),
+        "f".repeat(64),
+    );
+    let plain = record("key_00000000000000a1", &a, "plain");
+    let mut disabled = record("key_00000000000000a2", &b, "disabled");
+    disabled.disabled = true;
+    let mut expiring = record("key_00000000000000a3", &c, "expiring");
+    expiring.expires_at = Some(at("2026-11-23T10:30:00Z"));
+    let l = fx.open(Arc::new(clock.clone())).await;
+    for r in [&plain, &disabled, &expiring] {
+        l.open_account(&r.id, Points(1000), Period::None, "admin", "")
+            .await
+            .unwrap();
+        l.put_key(r).await.unwrap();
+    }
+    // What each reservation should get: a shared store refuses a key that is
+    // disabled, expired, or presented under another secret; the embedded
+    // ledger's cache is the truth and it checks nothing more.
+    let n = AtomicU64::new(0);
+    let check = |l: &Ledger, k: &KeyRecord, hash: Option<&str>, usable: bool| {
+        let id = tid(&format!("0check{}", n.fetch_add(1, Ordering::SeqCst)));
+        let (l, k, hash) = (l.clone(), k.id.clone(), hash.map(str::to_owned));
+        async move {
+            let got = l.reserve_as(&k, hash.as_deref(), Points(1), &id).await;
+            match got {
+                Ok(_) => assert!(usable || !shared, "{k} with {hash:?}: reserved"),
+                Err(LedgerError::KeyRefused(r)) => {
+                    assert!(shared && !usable, "{k} with {hash:?}: refused");
+                    assert_eq!(r, k);
+                }
+                Err(e) => panic!("{k}: {e}"),
+            }
+        }
+    };
+    let all_cases = |l: Ledger| {
+        let check = &check;
+        let (plain, disabled, expiring) = (&plain, &disabled, &expiring);
+        let (a, b, c, wrong) = (&a, &b, &c, &wrong);
+        let clock = clock.clone();
+        async move {
+            clock.set(at("2026-11-23T10:00:00Z"));
+            check(&l, plain, Some(a), true).await;
+            check(&l, plain, None, true).await;
+            check(&l, plain, Some(wrong), false).await;
+            check(&l, disabled, Some(b), false).await;
+            // Without a secret to check (the gate always gives one), nothing is checked.
+            check(&l, disabled, None, true).await;
+            check(&l, expiring, Some(c), true).await;
+            clock.set(at("2026-11-23T10:30:00Z"));
+            check(&l, expiring, Some(c), false).await;
+        }
+    };
+    all_cases(l.clone()).await;
+    // A rotation moves the check to the new secret; enabling again lifts it.
+    let mut rotated = plain.clone();
+    rotated.secret_hash = "d".repeat(64);
+    l.put_key(&rotated).await.unwrap();
+    check(&l, &rotated, Some(&a), false).await;
+    check(&l, &rotated, Some(&"d".repeat(64)), true).await;
+    let mut enabled = disabled.clone();
+    enabled.disabled = false;
+    l.put_key(&enabled).await.unwrap();
+    check(&l, &enabled, Some(&b), true).await;
+    l.put_key(&plain).await.unwrap();
+    l.put_key(&disabled).await.unwrap();
+    assert_clean(&l).await;
+    l.close().await.unwrap();
+    if shared {
+        // A store made before the check existed (schema version 4) learns
+        // from each key's record when it may be used.
+        fx.tamper(
+            "ALTER TABLE keys DROP COLUMN usable_until_ms; \
+             DELETE FROM schema_migrations WHERE version = 5;",
+        )
+        .await;
+        let l = fx.open(Arc::new(clock.clone())).await;
+        all_cases(l.clone()).await;
+        l.close().await.unwrap();
+    }
 }
 
 async fn pages_through_key_records_in_id_order(fx: &Fx) {
@@ -757,16 +856,18 @@ async fn pages_through_key_records_in_id_order(fx: &Fx) {
     loop {
         let page = l.keys_page(after.as_ref(), 3).await.unwrap();
         assert!(page.len() <= 3);
-        seen.extend(page.iter().cloned());
+        seen.extend(page.iter().map(|(r, _)| r.clone()));
         match page.last() {
-            Some(last) if page.len() == 3 => after = Some(last.id.clone()),
+            Some((last, _)) if page.len() == 3 => after = Some(last.id.clone()),
             _ => break,
         }
     }
     assert_eq!(seen, all);
-    assert_eq!(l.keys_page(None, 100).await.unwrap(), all);
+    let records =
+        |page: Vec<(KeyRecord, u64)>| page.into_iter().map(|(r, _)| r).collect::<Vec<_>>();
+    assert_eq!(records(l.keys_page(None, 100).await.unwrap()), all);
     assert_eq!(
-        l.keys_page(Some(&all[5].id), 100).await.unwrap(),
+        records(l.keys_page(Some(&all[5].id), 100).await.unwrap()),
         all[6..].to_vec()
     );
     assert!(l.keys_page(Some(&all[6].id), 100).await.unwrap().is_empty());

@@ -339,6 +339,10 @@ pub enum LedgerError {
     /// No account for this key.
     #[error("no ledger account for key {0}")]
     UnknownAccount(KeyId),
+    /// The shared store says the key may not be used with the secret given:
+    /// disabled, expired or rotated since this gate last read it.
+    #[error("key {0} is disabled, expired or rotated in the shared store")]
+    KeyRefused(KeyId),
     /// No transfer chain with this id.
     #[error("no ledger transfer {0}")]
     UnknownTransfer(TransferId),
@@ -353,6 +357,11 @@ pub enum LedgerError {
     #[error("ledger configuration error: {0}")]
     Config(String),
 }
+
+/// A key record and the store's version of it: the PostgreSQL change sequence,
+/// or for the embedded ledger a number its own process gives each write (its
+/// reads are version 0). See `KeyCache::put`.
+pub type KeyVersion = (KeyRecord, u64);
 
 /// Outcome of beginning a client-supplied `Idempotency-Key` submit (scoped to the key).
 #[derive(Debug, Clone)]
@@ -538,7 +547,26 @@ impl Ledger {
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
-        dispatch!(self, b => b.reserve(key, points, id).await)
+        self.reserve_as(key, None, points, id).await
+    }
+
+    /// [`Ledger::reserve`] for a request that presented the secret whose hex
+    /// SHA-256 is `secret_hash`. A shared store makes the reservation only if
+    /// the key is, in the store and at that moment, enabled, unexpired and
+    /// still has that secret (else `KeyRefused`): a key disabled or rotated on
+    /// one replica pays for nothing more on any other, whatever their caches
+    /// hold. The embedded ledger has one writer, whose cache is the truth.
+    pub async fn reserve_as(
+        &self,
+        key: &KeyId,
+        secret_hash: Option<&str>,
+        points: Points,
+        id: &TransferId,
+    ) -> Result<Reserved, LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(b) => b.reserve(key, points, id).await,
+            Backend::Postgres(b) => b.reserve(key, secret_hash, points, id).await,
+        }
     }
 
     /// Charges `points` (which may differ from the reservation) and releases the
@@ -637,19 +665,19 @@ impl Ledger {
         dispatch!(self, b => b.idem_abandon(key, idem_key).await)
     }
 
-    /// Inserts or replaces a key record by id; a `secret_hash` used by another
-    /// key is a `Conflict`.
-    pub async fn put_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+    /// Inserts or replaces a key record by id and returns its new version; a
+    /// `secret_hash` used by another key is a `Conflict`.
+    pub async fn put_key(&self, rec: &KeyRecord) -> Result<u64, LedgerError> {
         dispatch!(self, b => b.put_key(rec).await)
     }
 
-    /// A key record by id.
-    pub async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, LedgerError> {
+    /// A key record by id, with its version.
+    pub async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyVersion>, LedgerError> {
         dispatch!(self, b => b.key_by_id(id).await)
     }
 
-    /// A key record by the hex SHA-256 of its secret.
-    pub async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyRecord>, LedgerError> {
+    /// A key record by the hex SHA-256 of its secret, with its version.
+    pub async fn key_by_hash(&self, secret_hash: &str) -> Result<Option<KeyVersion>, LedgerError> {
         dispatch!(self, b => b.key_by_hash(secret_hash).await)
     }
 
@@ -665,7 +693,7 @@ impl Ledger {
         &self,
         after: Option<&KeyId>,
         limit: usize,
-    ) -> Result<Vec<KeyRecord>, LedgerError> {
+    ) -> Result<Vec<KeyVersion>, LedgerError> {
         dispatch!(self, b => b.keys_page(after, limit).await)
     }
 
@@ -673,7 +701,7 @@ impl Ledger {
     /// replicas poll this to pick up changes made on others without reloading
     /// every key. A change committed out of sequence order can be missed by one
     /// poll, so callers also reload everything now and then.
-    pub async fn keys_since(&self, cursor: i64) -> Result<(Vec<KeyRecord>, i64), LedgerError> {
+    pub async fn keys_since(&self, cursor: i64) -> Result<(Vec<KeyVersion>, i64), LedgerError> {
         dispatch!(self, b => b.keys_since(cursor).await)
     }
 

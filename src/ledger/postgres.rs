@@ -19,8 +19,9 @@ use super::pgbatch::{refs, Batched, Batcher, Lock, Params, Stmt};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
-    Durability, GroupCommits, IdemBegin, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal,
-    Reserved, Settle, Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    Durability, GroupCommits, IdemBegin, KeyVersion, LedgerConfig, LedgerError, PendingPolicy,
+    Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TransferRow, VerifyReport,
+    IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -111,6 +112,16 @@ CREATE INDEX keys_change ON keys (change_seq);
 UPDATE tasks SET state = 'refund_due' WHERE state = 'fail';
 CREATE INDEX tasks_refund_due ON tasks (checked_ms) WHERE state = 'refund_due';
 "#,
+    // v5: until when a key may be used (0 once disabled, NULL for ever), so that
+    // a reservation can check the key in the same statement (`RESERVE`).
+    r#"
+ALTER TABLE keys ADD COLUMN usable_until_ms BIGINT;
+UPDATE keys SET usable_until_ms = CASE
+    WHEN (record::jsonb ->> 'disabled')::boolean THEN 0
+    WHEN record::jsonb ->> 'expires_at' IS NOT NULL
+        THEN (extract(epoch FROM (record::jsonb ->> 'expires_at')::timestamptz) * 1000)::bigint
+END;
+"#,
 ];
 
 /// The current window start for each period kind, passed to the statements
@@ -118,8 +129,18 @@ CREATE INDEX tasks_refund_due ON tasks (checked_ms) WHERE state = 'refund_due';
 const PERIOD_CASE: &str = "CASE a.period WHEN 'day' THEN $D::bigint WHEN 'week' THEN $W::bigint \
                            WHEN 'month' THEN $M::bigint ELSE NULL END";
 
+/// A reservation, in one statement: the account row is locked and the points
+/// are held only if they fit, the id is new, and (when `$9`, the hash of the
+/// secret the request presented, is given) the key is at this moment usable in
+/// the store under that secret: a key disabled, expired or rotated on another
+/// replica stops paying for requests at once, not at this replica's next poll.
 const RESERVE: &str = "
-WITH old AS (
+WITH live AS (
+    SELECT ($9::text IS NULL OR EXISTS (
+        SELECT 1 FROM keys k WHERE k.id = $2 AND k.secret_hash = $9
+            AND (k.usable_until_ms IS NULL OR k.usable_until_ms > $5)
+    )) AS ok
+), old AS (
     SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, PERIOD_CASE AS cur
     FROM accounts a WHERE a.key = $2 FOR UPDATE
 ), eff AS (
@@ -131,8 +152,8 @@ WITH old AS (
         spent = eff.espent,
         window_ms = CASE WHEN eff.do_reset THEN eff.cur ELSE a.window_ms END,
         reserved = a.reserved + $3
-    FROM eff
-    WHERE a.key = eff.key AND eff.espent + a.reserved + $3 <= a.budget
+    FROM eff, live
+    WHERE a.key = eff.key AND eff.espent + a.reserved + $3 <= a.budget AND live.ok
         AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.id = $1)
     RETURNING a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent
 ), ch AS (
@@ -145,7 +166,7 @@ WITH old AS (
     FROM acc
 )
 SELECT e.budget, e.espent, e.reserved, a.budget AS nb, a.spent AS ns, a.reserved AS nr,
-    EXISTS (SELECT 1 FROM chains c WHERE c.id = $1) AS taken
+    EXISTS (SELECT 1 FROM chains c WHERE c.id = $1) AS taken, (SELECT ok FROM live) AS live
 FROM eff e LEFT JOIN acc a ON true";
 
 const PUT_TASK: &str = "INSERT INTO tasks (task_id, key, state, created_ms, checked_ms, record) \
@@ -322,6 +343,9 @@ fn reserved(rows: &[Row], key: &KeyId, points: Points) -> Result<Option<Reserved
         return Ok(None);
     }
     let nb: Option<i64> = row.try_get("nb").map_err(pg)?;
+    if nb.is_none() && !row.try_get::<_, bool>("live").map_err(pg)? {
+        return Err(LedgerError::KeyRefused(key.clone()));
+    }
     let Some(b) = nb else {
         let budget: i64 = row.try_get("budget").map_err(pg)?;
         let spent: i64 = row.try_get("espent").map_err(pg)?;
@@ -346,6 +370,13 @@ fn reserved(rows: &[Row], key: &KeyId, points: Points) -> Result<Option<Reserved
         points,
         remaining: Points(to_u64(b.saturating_sub(s).saturating_sub(r))),
     }))
+}
+
+/// A key record and its version from a row of `record, change_seq`.
+fn key_version(row: &Row) -> Result<KeyVersion, LedgerError> {
+    let json: &str = row.try_get(0).map_err(pg)?;
+    let seq: i64 = row.try_get(1).map_err(pg)?;
+    Ok((super::sqlite::parse_key(json)?, to_u64(seq)))
 }
 
 /// A settlement's answer from the row of `COMMIT`, `VOID` or `REFUND`.
@@ -553,6 +584,7 @@ impl PgLedger {
     fn reserve_params(
         &self,
         key: &KeyId,
+        secret_hash: Option<&str>,
         points: Points,
         id: &TransferId,
     ) -> Result<Params, LedgerError> {
@@ -567,6 +599,7 @@ impl PgLedger {
             Box::new(d),
             Box::new(w),
             Box::new(m),
+            Box::new(secret_hash.map(str::to_owned)),
         ])
     }
 
@@ -716,10 +749,11 @@ impl PgLedger {
     pub(super) async fn reserve(
         &self,
         key: &KeyId,
+        secret_hash: Option<&str>,
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
-        let params = self.reserve_params(key, points, id)?;
+        let params = self.reserve_params(key, secret_hash, points, id)?;
         match self
             .batch
             .run(
@@ -737,7 +771,7 @@ impl PgLedger {
                 }
                 None => self.reserve_replay(key, id).await,
             },
-            Err(Batched::Alone) => self.reserve_alone(key, points, id).await,
+            Err(Batched::Alone) => self.reserve_alone(key, secret_hash, points, id).await,
             Err(e) => Err(e.into()),
         }
     }
@@ -746,10 +780,11 @@ impl PgLedger {
     async fn reserve_alone(
         &self,
         key: &KeyId,
+        secret_hash: Option<&str>,
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
-        let params = self.reserve_params(key, points, id)?;
+        let params = self.reserve_params(key, secret_hash, points, id)?;
         let client = self.client().await?;
         let stmt = client.prepare_cached(&self.reserve_sql).await.map_err(pg)?;
         let res = client.query(&stmt, &refs(&params)).await;
@@ -1166,19 +1201,25 @@ impl PgLedger {
         Ok(())
     }
 
-    pub(super) async fn put_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+    pub(super) async fn put_key(&self, rec: &KeyRecord) -> Result<u64, LedgerError> {
         let json = serde_json::to_string(rec).map_err(|e| LedgerError::Storage(e.to_string()))?;
+        let usable_until: Option<i64> = if rec.disabled {
+            Some(0)
+        } else {
+            rec.expires_at.map(|t| t.timestamp_millis())
+        };
         let client = self.client().await?;
         let res = client
-            .execute(
-                "INSERT INTO keys (id, secret_hash, record) VALUES ($1, $2, $3) \
+            .query_one(
+                "INSERT INTO keys (id, secret_hash, record, usable_until_ms) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash, record = excluded.record, \
-                 change_seq = nextval('keys_change_seq')",
-                &[&rec.id.as_str(), &rec.secret_hash, &json],
+                 usable_until_ms = excluded.usable_until_ms, change_seq = nextval('keys_change_seq') \
+                 RETURNING change_seq",
+                &[&rec.id.as_str(), &rec.secret_hash, &json, &usable_until],
             )
             .await;
         match res {
-            Ok(_) => Ok(()),
+            Ok(row) => Ok(to_u64(row.try_get(0).map_err(pg)?)),
             Err(e) if is_unique_violation(&e) => Err(LedgerError::Conflict(
                 "that secret already belongs to another key".into(),
             )),
@@ -1186,30 +1227,27 @@ impl PgLedger {
         }
     }
 
-    async fn one_key(&self, sql: &str, arg: &str) -> Result<Option<KeyRecord>, LedgerError> {
+    async fn one_key(&self, sql: &str, arg: &str) -> Result<Option<KeyVersion>, LedgerError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(sql).await.map_err(pg)?;
         let row = client.query_opt(&stmt, &[&arg]).await.map_err(pg)?;
-        match row {
-            Some(r) => {
-                let json: String = r.try_get(0).map_err(pg)?;
-                super::sqlite::parse_key(&json).map(Some)
-            }
-            None => Ok(None),
-        }
+        row.as_ref().map(key_version).transpose()
     }
 
-    pub(super) async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, LedgerError> {
-        self.one_key("SELECT record FROM keys WHERE id = $1", id.as_str())
-            .await
+    pub(super) async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyVersion>, LedgerError> {
+        self.one_key(
+            "SELECT record, change_seq FROM keys WHERE id = $1",
+            id.as_str(),
+        )
+        .await
     }
 
     pub(super) async fn key_by_hash(
         &self,
         secret_hash: &str,
-    ) -> Result<Option<KeyRecord>, LedgerError> {
+    ) -> Result<Option<KeyVersion>, LedgerError> {
         self.one_key(
-            "SELECT record FROM keys WHERE secret_hash = $1",
+            "SELECT record, change_seq FROM keys WHERE secret_hash = $1",
             secret_hash,
         )
         .await
@@ -1229,7 +1267,7 @@ impl PgLedger {
     pub(super) async fn keys_since(
         &self,
         cursor: i64,
-    ) -> Result<(Vec<KeyRecord>, i64), LedgerError> {
+    ) -> Result<(Vec<KeyVersion>, i64), LedgerError> {
         let client = self.client().await?;
         let rows = client
             .query(
@@ -1238,13 +1276,11 @@ impl PgLedger {
             )
             .await
             .map_err(pg)?;
-        let mut next = cursor;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let json: String = r.try_get(0).map_err(pg)?;
-            next = next.max(r.try_get::<_, i64>(1).map_err(pg)?);
-            out.push(super::sqlite::parse_key(&json)?);
-        }
+        let out = rows
+            .iter()
+            .map(key_version)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = out.iter().map(|(_, v)| *v as i64).fold(cursor, i64::max);
         Ok((out, next))
     }
 
@@ -1268,24 +1304,19 @@ impl PgLedger {
         &self,
         after: Option<&KeyId>,
         limit: usize,
-    ) -> Result<Vec<KeyRecord>, LedgerError> {
+    ) -> Result<Vec<KeyVersion>, LedgerError> {
         let client = self.client().await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // Every id sorts after '' (ids are never empty).
         let after = after.map_or("", |k| k.as_str());
         let rows = client
             .query(
-                "SELECT record FROM keys WHERE id > $1 ORDER BY id LIMIT $2",
+                "SELECT record, change_seq FROM keys WHERE id > $1 ORDER BY id LIMIT $2",
                 &[&after, &limit],
             )
             .await
             .map_err(pg)?;
-        rows.iter()
-            .map(|r| {
-                let json: &str = r.try_get(0).map_err(pg)?;
-                super::sqlite::parse_key(json)
-            })
-            .collect()
+        rows.iter().map(key_version).collect()
     }
 }
 

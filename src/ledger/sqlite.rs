@@ -19,8 +19,8 @@ use super::idfilter::IdFilter;
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for, AccountRow,
     AccountState, AccountView, AdminOp, ChainRow, ChainState, Durability, GroupCommits, IdemBegin,
-    LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle, SettleKind,
-    Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    KeyVersion, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle,
+    SettleKind, Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -30,7 +30,7 @@ use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -305,6 +305,9 @@ pub(super) struct SqliteLedger {
     readers: Arc<Readers>,
     /// For `keys_page`; a plain mutex, as a page is one short query.
     key_reader: Mutex<Connection>,
+    /// Numbers this process's key writes (see `KeyVersion`): one process owns
+    /// the file, so its reads of keys are never newer than what it wrote.
+    key_writes: AtomicU64,
     clock: SharedClock,
     tz: chrono_tz::Tz,
     policy: PendingPolicy,
@@ -983,6 +986,7 @@ impl SqliteLedger {
                 next: AtomicUsize::new(0),
             }),
             key_reader: Mutex::new(key_reader),
+            key_writes: AtomicU64::new(0),
             clock,
             tz,
             policy: cfg.pending_policy,
@@ -1777,7 +1781,7 @@ impl SqliteLedger {
         .map(|_| ())
     }
 
-    pub(super) async fn put_key(&self, rec: &KeyRecord) -> Result<(), LedgerError> {
+    pub(super) async fn put_key(&self, rec: &KeyRecord) -> Result<u64, LedgerError> {
         let json = serde_json::to_string(rec).map_err(storage)?;
         let (id, hash) = (rec.id.0.clone(), rec.secret_hash.clone());
         let taken = self
@@ -1801,31 +1805,31 @@ impl SqliteLedger {
             Some(other) => Err(LedgerError::Conflict(format!(
                 "that secret already belongs to key {other}"
             ))),
-            None => Ok(()),
+            None => Ok(self.key_writes.fetch_add(1, Ordering::Relaxed) + 1),
         }
     }
 
-    pub(super) async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyRecord>, LedgerError> {
+    pub(super) async fn key_by_id(&self, id: &KeyId) -> Result<Option<KeyVersion>, LedgerError> {
         let id = id.0.clone();
         let json: Option<String> = self.readers.read(move |c| {
             c.prepare_cached("SELECT record FROM keys WHERE id = ?1")?
                 .query_row([id], |r| r.get(0))
                 .optional()
         })?;
-        json.map(|j| parse_key(&j)).transpose()
+        json.map(|j| Ok((parse_key(&j)?, 0))).transpose()
     }
 
     pub(super) async fn key_by_hash(
         &self,
         secret_hash: &str,
-    ) -> Result<Option<KeyRecord>, LedgerError> {
+    ) -> Result<Option<KeyVersion>, LedgerError> {
         let hash = secret_hash.to_string();
         let json: Option<String> = self.readers.read(move |c| {
             c.prepare_cached("SELECT record FROM keys WHERE secret_hash = ?1")?
                 .query_row([hash], |r| r.get(0))
                 .optional()
         })?;
-        json.map(|j| parse_key(&j)).transpose()
+        json.map(|j| Ok((parse_key(&j)?, 0))).transpose()
     }
 
     pub(super) async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
@@ -1844,7 +1848,7 @@ impl SqliteLedger {
         &self,
         after: Option<&KeyId>,
         limit: usize,
-    ) -> Result<Vec<KeyRecord>, LedgerError> {
+    ) -> Result<Vec<KeyVersion>, LedgerError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // Every id sorts after '' (ids are never empty).
         let after = after.map_or("", |k| k.as_str());
@@ -1861,7 +1865,7 @@ impl SqliteLedger {
                 .map_err(storage)?;
             rows.collect::<rusqlite::Result<_>>().map_err(storage)?
         };
-        page.iter().map(|j| parse_key(j)).collect()
+        page.iter().map(|j| Ok((parse_key(j)?, 0))).collect()
     }
 }
 
@@ -2009,8 +2013,9 @@ impl SqliteLedger {
     pub(super) async fn keys_since(
         &self,
         cursor: i64,
-    ) -> Result<(Vec<KeyRecord>, i64), LedgerError> {
-        Ok((self.keys().await?, cursor))
+    ) -> Result<(Vec<KeyVersion>, i64), LedgerError> {
+        let all = self.keys().await?.into_iter().map(|k| (k, 0)).collect();
+        Ok((all, cursor))
     }
 
     pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
