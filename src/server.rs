@@ -98,6 +98,7 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     // Taken before the load, so that a change made meanwhile on another replica
     // is picked up by the first poll; polling from 0 would read every key again.
     let key_cursor = ledger.key_cursor().await?;
+    keys.reserve(usize::try_from(ledger.key_count().await?).unwrap_or(usize::MAX));
     load_keys(&ledger, &keys).await?;
     // Tasks still open count against their keys' concurrency limits.
     let open_tasks = ledger.open_task_counts().await?;

@@ -681,6 +681,11 @@ impl Ledger {
         dispatch!(self, b => b.key_by_hash(secret_hash).await)
     }
 
+    /// How many keys the store holds.
+    pub async fn key_count(&self) -> Result<u64, LedgerError> {
+        dispatch!(self, b => b.key_count().await)
+    }
+
     /// All key records, ordered by id.
     pub async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
         dispatch!(self, b => b.keys().await)

@@ -1284,6 +1284,15 @@ impl PgLedger {
         Ok((out, next))
     }
 
+    pub(super) async fn key_count(&self) -> Result<u64, LedgerError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT count(*) FROM keys", &[])
+            .await
+            .map_err(pg)?;
+        Ok(to_u64(row.try_get(0).map_err(pg)?))
+    }
+
     pub(super) async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
         let client = self.client().await?;
         let rows = client

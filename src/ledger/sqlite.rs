@@ -1832,6 +1832,13 @@ impl SqliteLedger {
         json.map(|j| Ok((parse_key(&j)?, 0))).transpose()
     }
 
+    pub(super) async fn key_count(&self) -> Result<u64, LedgerError> {
+        let n: i64 = self
+            .readers
+            .read(|c| c.query_row("SELECT count(*) FROM keys", [], |r| r.get(0)))?;
+        Ok(to_u64(n))
+    }
+
     pub(super) async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
         let all: Vec<String> = self.readers.read(|c| {
             let mut stmt = c.prepare_cached("SELECT record FROM keys ORDER BY id")?;
