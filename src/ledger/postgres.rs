@@ -987,13 +987,17 @@ impl PgLedger {
         self.batch.commits()
     }
 
+    /// The one number a statement answers (a count, a maximum).
+    async fn number(&self, sql: &str) -> Result<i64, LedgerError> {
+        let row = self.client().await?.query_one(sql, &[]).await.map_err(pg)?;
+        row.try_get(0).map_err(pg)
+    }
+
     pub(super) async fn pending_count(&self) -> Result<u64, LedgerError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one("SELECT count(*) FROM chains WHERE state = 'pending'", &[])
-            .await
-            .map_err(pg)?;
-        Ok(to_u64(row.try_get(0).map_err(pg)?))
+        let n = self
+            .number("SELECT count(*) FROM chains WHERE state = 'pending'")
+            .await?;
+        Ok(to_u64(n))
     }
 
     pub(super) async fn verify(&self) -> Result<VerifyReport, LedgerError> {
@@ -1256,12 +1260,8 @@ impl PgLedger {
     /// Keys changed after `cursor` (a value of the change sequence), and the new
     /// cursor.
     pub(super) async fn key_cursor(&self) -> Result<i64, LedgerError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one("SELECT COALESCE(max(change_seq), 0) FROM keys", &[])
+        self.number("SELECT COALESCE(max(change_seq), 0) FROM keys")
             .await
-            .map_err(pg)?;
-        row.try_get(0).map_err(pg)
     }
 
     pub(super) async fn keys_since(
@@ -1285,12 +1285,7 @@ impl PgLedger {
     }
 
     pub(super) async fn key_count(&self) -> Result<u64, LedgerError> {
-        let client = self.client().await?;
-        let row = client
-            .query_one("SELECT count(*) FROM keys", &[])
-            .await
-            .map_err(pg)?;
-        Ok(to_u64(row.try_get(0).map_err(pg)?))
+        Ok(to_u64(self.number("SELECT count(*) FROM keys").await?))
     }
 
     pub(super) async fn keys(&self) -> Result<Vec<KeyRecord>, LedgerError> {
