@@ -342,8 +342,7 @@ impl Index {
             tracing::error!(key = %rec.id, "key record with a malformed hash ignored");
             return;
         };
-        let held = self.position_of_id(rec.id.as_str());
-        if let Some(at) = held {
+        if let Some(at) = self.position_of_id(rec.id.as_str()) {
             if self.entries[at].version > version {
                 self.entries[at].seen = self.generation;
                 return;
@@ -358,12 +357,11 @@ impl Index {
                     return;
                 }
                 self.remove(other);
-                // `remove` moves the last entry into the freed place.
-                return self.put(rec, version);
             }
         }
         let entry = Entry::new(rec, d, self.generation, version);
-        match held {
+        // Looked up after any removal: `remove` moves the last entry.
+        match self.position_of_id(rec.id.as_str()) {
             Some(at) => {
                 let old = self.entries[at].digest;
                 if old != d {
