@@ -226,6 +226,20 @@ async fn render_metrics(gate: &Gate) -> String {
     ] {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
     }
+    if let Some(w) = gate.ledger.key_watch() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = writeln!(
+            out,
+            "# TYPE gate_key_push_connected gauge\ngate_key_push_connected {}",
+            u8::from(w.connected.load(Relaxed))
+        );
+        for (name, v) in [
+            ("gate_key_push_connections_total", &w.connections),
+            ("gate_key_push_notifications_total", &w.notifications),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+        }
+    }
     if let Ok(n) = gate.ledger.pending_count().await {
         let _ = writeln!(
             out,

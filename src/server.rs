@@ -174,11 +174,14 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
             async move { Ok::<_, std::convert::Infallible>(admin::handle(g, req).await) }
         },
     )));
-    tasks.push(tokio::spawn(housekeeping(
-        gate.clone(),
-        stop_rx,
-        shared_store.then_some(key_cursor),
-    )));
+    if shared_store {
+        tasks.push(tokio::spawn(key_sync(
+            gate.clone(),
+            stop_rx.clone(),
+            key_cursor,
+        )));
+    }
+    tasks.push(tokio::spawn(housekeeping(gate.clone(), stop_rx)));
     tracing::info!(%addr, %admin_addr, upstream = gate.upstream.base(), "gate listening");
     Ok(Running {
         addr,
@@ -210,11 +213,62 @@ async fn load_keys(ledger: &Ledger, keys: &KeyCache) -> Result<usize, LedgerErro
     Ok(reload.finish())
 }
 
+/// With a shared store, keeps the key cache in step with it, so that changes
+/// made on another replica take effect here too: the keys changed since
+/// `cursor` are read whenever the store reports a change (`Ledger::listen_keys`),
+/// and every `ledger.key_poll_secs` in case a report was lost; every key is read
+/// again once a minute, which also catches a change committed out of sequence
+/// order. A task of its own, so that nothing else the gate waits on delays it.
+async fn key_sync(gate: Gate, mut stop: watch::Receiver<bool>, mut cursor: i64) {
+    let ledger = gate.ledger.clone();
+    let listener = AbortOnDrop(tokio::spawn(async move { ledger.listen_keys().await }));
+    let watch = gate.ledger.key_watch();
+    let changed = || async {
+        match &watch {
+            Some(w) => w.changed.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut poll = tokio::time::interval(Duration::from_secs(gate.cfg.ledger.key_poll_secs.max(1)));
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let minute = Duration::from_secs(60);
+    let mut reload = tokio::time::interval_at(tokio::time::Instant::now() + minute, minute);
+    reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = poll.tick() => {}
+            _ = changed() => {}
+            _ = reload.tick() => {
+                if let Err(e) = load_keys(&gate.ledger, &gate.keys).await {
+                    tracing::warn!(error = %e, "reloading keys failed");
+                }
+                continue;
+            }
+            _ = stop.changed() => break,
+        }
+        match gate.ledger.keys_since(cursor).await {
+            Ok((keys, next)) => {
+                cursor = next;
+                gate.keys.put_all(&keys);
+            }
+            Err(e) => tracing::debug!(error = %e, "reading changed keys failed"),
+        }
+    }
+    drop(listener);
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Background upkeep: forget settled transfers kept in memory; resolve expired
-/// reservations; check open tasks nobody polls; with a shared store, reload
-/// keys so that changes made on another replica take effect here too.
-/// `key_cursor` is set with a shared store: where polling for changed keys starts.
-async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, mut key_cursor: Option<i64>) {
+/// reservations; check open tasks nobody polls; make refunds cut off by a crash.
+async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // Settled transfers are forgotten more often than once a second: under load
     // the memory they hold is proportional to the time they are kept.
@@ -251,18 +305,6 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>, mut key_curso
             }
         }
         n += 1;
-        if let Some(cursor) = key_cursor.as_mut() {
-            // Changed keys every second; everything once a minute, which also
-            // catches a change committed out of sequence order.
-            if n % 60 == 0 {
-                if let Err(e) = load_keys(&gate.ledger, &gate.keys).await {
-                    tracing::warn!(error = %e, "reloading keys failed");
-                }
-            } else if let Ok((keys, next)) = gate.ledger.keys_since(*cursor).await {
-                *cursor = next;
-                gate.keys.put_all(&keys);
-            }
-        }
         if n % gate.cfg.tasks.check_interval_secs.max(1) == 0
             && check.as_ref().is_none_or(|c| c.is_finished())
         {

@@ -106,9 +106,14 @@ impl Fleet {
 
     /// Replica B's answer code for the key (its account, answered by the gate).
     async fn b_code(&self, secret: &str) -> Value {
+        self.code_on(&self.b, secret).await
+    }
+
+    /// A replica's answer code for the key (its account, answered by the gate).
+    async fn code_on(&self, gate: &Running, secret: &str) -> Value {
         let v = self
             .http
-            .get(format!("http://{}/aiapi/v1/client/detail", self.b.addr))
+            .get(format!("http://{}/aiapi/v1/client/detail", gate.addr))
             .header("Auth-Token", secret)
             .send()
             .await
@@ -119,7 +124,7 @@ impl Fleet {
         v["code"].clone()
     }
 
-    /// Wait until replica B knows the key (it reloads keys every second).
+    /// Wait until replica B knows the key (changes are pushed, and polled every second).
     async fn until_b_knows(&self, secret: &str) {
         for _ in 0..50 {
             if self.b_code(secret).await == 0 {
@@ -239,9 +244,9 @@ async fn a_key_made_on_one_replica_works_on_the_other_at_once() {
 }
 
 /// Disabling or rotating a key on one replica stops it paying for anything on
-/// every replica at once, though the others' caches learn of it only at their
-/// next poll (up to a second later): the reservation itself checks the key in
-/// the shared store.
+/// every replica at once, whenever the others' caches learn of it (pushed, or
+/// at their next poll): the reservation itself checks the key in the shared
+/// store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_disabled_or_rotated_on_one_replica_pays_for_nothing_on_another_at_once() {
     let Some(f) = fleet(SimConfig::default()).await else {
@@ -473,4 +478,119 @@ async fn a_background_check_stuck_on_a_slow_upstream_does_not_hold_up_key_change
         "replica B still accepted a key disabled on A 4 s earlier"
     );
     f.sim.set_fault(chuzhan_gate::upstream::sim::Fault::None);
+}
+
+/// Whether `cond` holds within 3 s (looked at every millisecond).
+async fn within_3s(cond: impl Fn() -> bool) -> bool {
+    for _ in 0..3000 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    cond()
+}
+
+/// A change made on one replica reaches the other replicas' caches when it is
+/// made, pushed by the store (`LISTEN`), not at their next poll: here every
+/// replica polls once an hour. The push comes back after its connection is
+/// cut, and catches up on what changed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_changes_are_pushed_to_other_replicas_also_after_a_lost_connection() {
+    let hourly = |c: &mut chuzhan_gate::config::Config| c.ledger.key_poll_secs = 3600;
+    let Some(f) = fleet_with(SimConfig::default(), &hourly).await else {
+        return;
+    };
+    // A replica of its own, with a name no other test uses, so that its
+    // listening connection can be found (and cut) in pg_stat_activity.
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("push-{}", f.schema);
+    let c = pg_replica(&f.sim, &f.url, &f.schema, dir.path(), &name, &hourly)
+        .await
+        .expect("gate C");
+    let watch = c
+        .gate
+        .ledger
+        .key_watch()
+        .expect("a shared store is watched");
+    use std::sync::atomic::Ordering::Relaxed;
+    let connections = || watch.connections.load(Relaxed);
+    let listening = |n: u64| connections() >= n && watch.connected.load(Relaxed);
+    assert!(within_3s(|| listening(1)).await, "replica C never listened");
+
+    let (id, secret) = f
+        .create_key(json!({"name": "pushed", "budget": 1000}))
+        .await;
+    // C learns the key on first use (a lookup), at rate 1.
+    let v = f.post(&c, "/aiapi/v1/draw", &secret, SEED_768).await;
+    assert_eq!(v["code"], 0, "{v}");
+    let charge = || c.gate.keys.lookup(&secret).map(|k| k.charge_for(100));
+    assert_eq!(charge(), Some(100));
+
+    // A new rate set on A is C's within moments.
+    let admin = |method: reqwest::Method, body: Value| {
+        f.http
+            .request(method, format!("http://{}/admin/keys/{id}", f.a.admin_addr))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let r = admin(reqwest::Method::PATCH, json!({"rate": 2.0}))
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let set = std::time::Instant::now();
+    let seen = within_3s(|| charge() == Some(200)).await;
+    eprintln!(
+        "a rate set on A reached C's cache {:?} after A answered",
+        set.elapsed()
+    );
+    assert!(
+        seen,
+        "a rate set on A did not reach C within 3 s (its poll is an hour away)"
+    );
+    assert!(watch.notifications.load(Relaxed) >= 1);
+
+    // The listening connection is cut; it comes back, and a key disabled on A
+    // while it was down, or after, is refused by C's cache, free reads included.
+    let (admin_db, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let cut = admin_db
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("chuzhan-gate keys {name}")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut.len(), 1, "C's listening connection was not found");
+    let r = admin(reqwest::Method::DELETE, json!({})).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let mut refused = false;
+    for _ in 0..150 {
+        if f.code_on(&c, &secret).await == 1001 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "C still answered a key disabled on A 3 s earlier");
+    assert!(
+        within_3s(|| listening(2)).await,
+        "C's listener did not reconnect"
+    );
+    // `/metrics` shows the listener.
+    let m = f
+        .http
+        .get(format!("http://{}/metrics", c.admin_addr))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("gate_key_push_connected 1"), "{m}");
+    c.shutdown().await;
 }

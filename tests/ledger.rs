@@ -824,10 +824,12 @@ async fn a_shared_store_reserves_only_for_a_usable_key_under_the_secret_presente
     l.close().await.unwrap();
     if shared {
         // A store made before the check existed (schema version 4) learns
-        // from each key's record when it may be used.
+        // from each key's record when it may be used (and gets the key-change
+        // push of version 6).
         fx.tamper(
             "ALTER TABLE keys DROP COLUMN usable_until_ms; \
-             DELETE FROM schema_migrations WHERE version = 5;",
+             DROP TRIGGER keys_changed ON keys; DROP FUNCTION keys_changed_notify(); \
+             DELETE FROM schema_migrations WHERE version >= 5;",
         )
         .await;
         let l = fx.open(Arc::new(clock.clone())).await;

@@ -68,6 +68,7 @@ fn stored_end(state: TaskState) -> &'static str {
     }
 }
 mod pgbatch;
+mod pgnotify;
 mod postgres;
 mod sqlite;
 
@@ -160,6 +161,10 @@ pub struct LedgerConfig {
     /// PostgreSQL schema to use (created if missing); `None` = the server's
     /// default `search_path`. Lets tests and tenants share one database.
     pub schema: Option<String>,
+    /// With PostgreSQL, how often each replica asks the store for keys changed
+    /// elsewhere. Changes are also pushed (`LISTEN`), so this is the fallback
+    /// for when the push is not available.
+    pub key_poll_secs: u64,
 }
 
 impl Default for LedgerConfig {
@@ -175,6 +180,7 @@ impl Default for LedgerConfig {
             timezone: "Asia/Shanghai".to_string(),
             instance: None,
             schema: None,
+            key_poll_secs: 1,
         }
     }
 }
@@ -719,6 +725,24 @@ impl Ledger {
         }
     }
 
+    /// With a shared store, listens for key changes made anywhere (any
+    /// replica, or `psql`) and wakes [`Ledger::key_watch`]'s `changed` for each,
+    /// reconnecting after failures, for as long as the future runs. The
+    /// embedded ledger, which nobody else changes, returns at once.
+    pub async fn listen_keys(&self) {
+        if let Backend::Postgres(b) = &*self.inner {
+            b.listen_keys().await
+        }
+    }
+
+    /// The key-change listener's state (`None` for the embedded ledger).
+    pub fn key_watch(&self) -> Option<Arc<KeyWatch>> {
+        match &*self.inner {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(b) => Some(b.key_watch().clone()),
+        }
+    }
+
     /// Registers a task the gate charged (first write wins; a replay is a no-op).
     pub async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
         dispatch!(self, b => b.put_task(rec).await)
@@ -821,6 +845,21 @@ impl GroupCommits {
         self.rollbacks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// What a shared store's key-change listener has seen (`/metrics`), and the
+/// wake-up it gives the gate's key sync.
+#[derive(Debug, Default)]
+pub struct KeyWatch {
+    /// Woken for every key change in this gate's store, and once on every
+    /// (re)connection for what was missed meanwhile.
+    pub changed: tokio::sync::Notify,
+    /// Whether the listener is connected and listening now.
+    pub connected: std::sync::atomic::AtomicBool,
+    /// Connections the listener made (the first, then each reconnection).
+    pub connections: std::sync::atomic::AtomicU64,
+    /// Key-change notifications received for this gate's store.
+    pub notifications: std::sync::atomic::AtomicU64,
 }
 
 /// The ledger's group commits since it opened.

@@ -19,9 +19,9 @@ use super::pgbatch::{refs, Batched, Batcher, Lock, Params, Stmt};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
-    Durability, GroupCommits, IdemBegin, KeyVersion, LedgerConfig, LedgerError, PendingPolicy,
-    Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TransferRow, VerifyReport,
-    IDEM_RETENTION_MS,
+    Durability, GroupCommits, IdemBegin, KeyVersion, KeyWatch, LedgerConfig, LedgerError,
+    PendingPolicy, Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TransferRow,
+    VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -34,7 +34,7 @@ use tokio_postgres::{NoTls, Row};
 /// Serialises schema migrations of concurrently starting replicas.
 const MIGRATION_LOCK: i64 = 0x0063_6875_7a68_616e; // "chuzhan"
 
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE accounts (
     key TEXT PRIMARY KEY,
@@ -121,6 +121,17 @@ UPDATE keys SET usable_until_ms = CASE
     WHEN record::jsonb ->> 'expires_at' IS NOT NULL
         THEN (extract(epoch FROM (record::jsonb ->> 'expires_at')::timestamptz) * 1000)::bigint
 END;
+"#,
+    // v6: every change to `keys` is pushed to the replicas listening on the
+    // channel (`pgnotify`), whoever makes it; the payload is the schema.
+    r#"
+CREATE FUNCTION keys_changed_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('chuzhan_gate_keys', TG_TABLE_SCHEMA);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
+    FOR EACH STATEMENT EXECUTE FUNCTION keys_changed_notify();
 "#,
 ];
 
@@ -330,9 +341,11 @@ pub(super) struct PgLedger {
     /// The account of each chain this instance reserved and has not settled,
     /// for the group's lock order without asking the database.
     chain_keys: dashmap::DashMap<String, String>,
+    /// Where the key-change listener connects (`pgnotify`), and what it saw.
+    listen_cfg: tokio_postgres::Config,
+    key_watch: std::sync::Arc<KeyWatch>,
 }
 
-/// Verifies a PostgreSQL ledger without migrating it or resolving orphans.
 /// A reservation's answer from the rows of `RESERVE`: `None` when its id is
 /// taken (a replay to look up).
 fn reserved(rows: &[Row], key: &KeyId, points: Points) -> Result<Option<Reserved>, LedgerError> {
@@ -392,6 +405,7 @@ fn settled(row: &Row, id: &TransferId, how: Settle) -> Result<Settled, LedgerErr
     })
 }
 
+/// Verifies a PostgreSQL ledger without migrating it or resolving orphans.
 pub(super) async fn verify_url(cfg: &LedgerConfig) -> Result<VerifyReport, LedgerError> {
     let mut cfg = cfg.clone();
     cfg.pool_size = 1;
@@ -440,6 +454,7 @@ impl PgLedger {
         if pg_cfg.get_connect_timeout().is_none() {
             pg_cfg.connect_timeout(std::time::Duration::from_secs(10));
         }
+        let listen_cfg = pg_cfg.clone();
         let mgr = Manager::from_config(
             pg_cfg,
             NoTls,
@@ -474,6 +489,8 @@ impl PgLedger {
             refund_sql: with_periods(REFUND, "$3", "$4", "$5"),
             batch,
             chain_keys: dashmap::DashMap::new(),
+            listen_cfg,
+            key_watch: Default::default(),
         })
     }
 
@@ -983,6 +1000,15 @@ impl PgLedger {
         Ok(out)
     }
 
+    /// Listens for key changes until dropped (`pgnotify`).
+    pub(super) async fn listen_keys(&self) {
+        super::pgnotify::listen(self.listen_cfg.clone(), self.owner.clone(), &self.key_watch).await
+    }
+
+    pub(super) fn key_watch(&self) -> &std::sync::Arc<KeyWatch> {
+        &self.key_watch
+    }
+
     pub(super) fn group_commits(&self) -> &GroupCommits {
         self.batch.commits()
     }
@@ -1257,13 +1283,14 @@ impl PgLedger {
         .await
     }
 
-    /// Keys changed after `cursor` (a value of the change sequence), and the new
-    /// cursor.
+    /// The change sequence's highest value so far.
     pub(super) async fn key_cursor(&self) -> Result<i64, LedgerError> {
         self.number("SELECT COALESCE(max(change_seq), 0) FROM keys")
             .await
     }
 
+    /// Keys changed after `cursor` (a value of the change sequence), and the new
+    /// cursor.
     pub(super) async fn keys_since(
         &self,
         cursor: i64,
