@@ -53,22 +53,10 @@ async fn fleet_with(
     })
 }
 
-/// The fleet's schema is dropped when the test ends, passed or failed (on a
-/// thread of its own: `Drop` cannot wait on the test's runtime).
+/// The fleet's schema is dropped when the test ends, passed or failed.
 impl Drop for Fleet {
     fn drop(&mut self) {
-        let (url, schema) = (self.url.clone(), self.schema.clone());
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime to drop the test schema")
-                .block_on(drop_schema(&url, &schema));
-        })
-        .join();
-        if dropped.is_err() && !std::thread::panicking() {
-            panic!("the fleet's schema {} could not be dropped", self.schema);
-        }
+        drop_schema_now(&self.url, &self.schema);
     }
 }
 

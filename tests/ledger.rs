@@ -2,6 +2,8 @@
 //! SQLite ledger and against PostgreSQL (`GATE_TEST_POSTGRES_URL`), plus a
 //! SIGKILL crash test of the embedded ledger.
 
+mod common;
+
 use chrono::{DateTime, Duration, Utc};
 use chuzhan_gate::clock::{ManualClock, SharedClock, SystemClock};
 use chuzhan_gate::keys::KeyRecord;
@@ -101,14 +103,14 @@ impl Fx {
             }
         }
     }
+}
 
-    async fn cleanup(self) {
+/// A PostgreSQL fixture's schema is dropped when its test ends, passed or
+/// failed (a failed test used to leave its `lt_*` schema behind).
+impl Drop for Fx {
+    fn drop(&mut self) {
         if let Store::Postgres { url, schema } = &self.store {
-            let client = pg_client(url).await;
-            client
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                .await
-                .expect("drop schema");
+            common::drop_schema_now(url, schema);
         }
     }
 }
@@ -153,7 +155,6 @@ macro_rules! conformance {
                 async fn $name() {
                     let fx = super::Fx::sqlite();
                     super::$name(&fx).await;
-                    fx.cleanup().await;
                 }
             )*
         }
@@ -163,7 +164,6 @@ macro_rules! conformance {
                 async fn $name() {
                     let Some(fx) = super::Fx::postgres() else { return };
                     super::$name(&fx).await;
-                    fx.cleanup().await;
                 }
             )*
         }
@@ -1338,7 +1338,6 @@ async fn postgres_two_instances_admit_exactly_what_fits_together() {
         "A's reservations stay pending: {pending}"
     );
     assert_clean(&lb).await;
-    fx.cleanup().await;
 }
 
 /// A client on the fixture's PostgreSQL schema, behind the ledger's back.
@@ -1449,7 +1448,6 @@ async fn postgres_a_failed_group_commit_is_rolled_back_and_its_writes_run_alone(
     assert_eq!((v.reserved, v.remaining), (Points(41), Points(959)));
     assert_eq!(l.pending_count().await.unwrap(), 41);
     assert_clean(&l).await;
-    fx.cleanup().await;
 }
 
 /// Two replicas, each grouping its writes, reserve and settle across 16 keys
@@ -1517,7 +1515,6 @@ async fn postgres_two_replicas_group_commit_over_many_keys_without_a_rollback() 
     assert_eq!(writes, 64 * 40 * 2, "{stats:?}");
     assert!(transactions < writes / 2, "writes were grouped: {stats:?}");
     assert_clean(&ledgers[0]).await;
-    fx.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

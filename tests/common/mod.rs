@@ -175,6 +175,25 @@ pub async fn pg_replica(
     server::start(cfg).await
 }
 
+/// Drops a test's PostgreSQL schema from anywhere, a `Drop` included: on a
+/// thread of its own with a runtime of its own, as `Drop` cannot wait on the
+/// test's. Panics if the schema could not be dropped, unless the thread is
+/// already panicking (a failed test must show its own failure).
+pub fn drop_schema_now(url: &str, schema: &str) {
+    let (url, name) = (url.to_owned(), schema.to_owned());
+    let dropped = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime to drop the test schema")
+            .block_on(drop_schema(&url, &name));
+    })
+    .join();
+    if dropped.is_err() && !std::thread::panicking() {
+        panic!("the test schema {schema} could not be dropped");
+    }
+}
+
 /// Drops a test's PostgreSQL schema.
 pub async fn drop_schema(url: &str, schema: &str) {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
