@@ -20,7 +20,7 @@ use crate::config::{Config, RejectStatus, UnknownOutcome};
 use crate::envelope::{self, Code};
 use crate::json_edit;
 use crate::keys::{ActiveKey, KeyCache};
-use crate::ledger::{IdemBegin, Ledger, LedgerError, Settled, StoredAnswer};
+use crate::ledger::{IdemBegin, KeyTerms, Ledger, LedgerError, Settled, StoredAnswer};
 use crate::points::{Points, TransferId};
 use crate::pricing::{self, Endpoint, PriceInputs, Priced, Quote};
 use crate::tasks::{self, TaskRecord, TaskState};
@@ -390,9 +390,7 @@ fn usable(gate: &Gate, found: Option<Arc<ActiveKey>>) -> Result<Arc<ActiveKey>, 
 /// that a key works on every replica as soon as it is made or rotated. The
 /// copy found goes into the cache unless a later version is there already.
 async fn key_from_store(gate: &Gate, secret: &str) -> Option<Arc<ActiveKey>> {
-    if gate.cfg.ledger.backend != crate::ledger::BackendKind::Postgres
-        || !gate.limits.store_lookup()
-    {
+    if !gate.cfg.ledger.shared() || !gate.limits.store_lookup() {
         return None;
     }
     match gate
@@ -601,15 +599,24 @@ async fn price_inputs(
 }
 
 /// Limits: the key's submit rate and tasks in flight, and the operator-wide cap,
-/// checked before anything is reserved. Over a limit → 1005.
+/// checked before anything is reserved. Over a limit → 1005. With a shared
+/// store the key's tasks in flight are counted there, on all replicas
+/// together, by the reservation itself (`reserve`).
 fn limit(gate: &Gate, key: &ActiveKey) -> Result<crate::limits::Slot, Reject> {
+    let here = (!gate.cfg.ledger.shared())
+        .then_some(key.concurrency)
+        .flatten();
     gate.limits
         .check_rate(&key.id, key.rps, key.burst)
         .and_then(|()| {
             gate.limits
-                .acquire(&key.id, key.concurrency, gate.cfg.tasks.global_concurrency)
+                .acquire(&key.id, here, gate.cfg.tasks.global_concurrency)
         })
-        .map_err(|e| Reject::new(Code::Limit, "limit", e.to_string()))
+        .map_err(limit_reject)
+}
+
+fn limit_reject(e: crate::limits::LimitError) -> Reject {
+    Reject::new(Code::Limit, "limit", e.to_string())
 }
 
 /// The registry record of a task the upstream accepted.
@@ -690,11 +697,11 @@ async fn reserve(
     let points = Points(key.charge_for(quote.points.get()));
     let id = TransferId(request_id.to_owned());
     let secret_hash = key.secret_hash();
-    match gate
-        .ledger
-        .reserve_as(&key.id, Some(&secret_hash), points, &id)
-        .await
-    {
+    let terms = KeyTerms {
+        secret_hash: Some(&secret_hash),
+        task_limit: key.concurrency,
+    };
+    match gate.ledger.reserve_as(&key.id, terms, points, &id).await {
         Ok(r) => {
             gate.metrics
                 .points(key.id.as_str(), "reserved", points.get());
@@ -705,6 +712,11 @@ async fn reserve(
             })
         }
         Err(LedgerError::KeyRefused(_)) => Err(key_refused(gate, key, &secret_hash).await),
+        Err(LedgerError::TaskLimit { limit }) => {
+            Err(limit_reject(crate::limits::LimitError::Concurrency {
+                limit,
+            }))
+        }
         Err(e) => Err(ledger_reject(e)),
     }
 }

@@ -193,6 +193,12 @@ impl Limits {
         );
     }
 
+    /// Set the count the global cap is checked against (with a shared store:
+    /// the tasks in flight of all replicas, read from the store every second).
+    pub fn set_total(&self, n: u32) {
+        self.total.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Tasks in flight for a key.
     pub fn in_flight(&self, key: &KeyId) -> u32 {
         self.in_flight.get(key).map(|n| *n).unwrap_or(0)

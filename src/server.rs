@@ -8,7 +8,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gate::{self, Gate, GateInner};
 use crate::keys::KeyCache;
-use crate::ledger::{BackendKind, Durability, Ledger, LedgerError};
+use crate::ledger::{Durability, Ledger, LedgerError};
 use crate::points::KeyId;
 use crate::upstream::client::Upstream;
 use hyper::server::conn::http1;
@@ -133,7 +133,7 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
             addr: cfg.admin_listen,
             source,
         })?;
-    let shared_store = cfg.ledger.backend == BackendKind::Postgres;
+    let shared_store = cfg.ledger.shared();
     let gate = Gate::new(GateInner {
         cfg,
         ledger,
@@ -305,6 +305,9 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>) {
             }
         }
         n += 1;
+        if gate.cfg.ledger.shared() {
+            sync_fleet_counts(&gate, n).await;
+        }
         if n % gate.cfg.tasks.check_interval_secs.max(1) == 0
             && check.as_ref().is_none_or(|c| c.is_finished())
         {
@@ -332,6 +335,33 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>) {
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "expiring reservations failed"),
             }
+        }
+    }
+}
+
+/// With a shared store: the global cap on tasks in flight counts the tasks of
+/// all replicas, read from the store every second (a task ended on another
+/// replica frees its place here within the second); and once a minute each
+/// account's count of tasks in flight is checked against its chains and tasks
+/// and corrected where replicas of an older version did not keep it.
+async fn sync_fleet_counts(gate: &Gate, n: u64) {
+    if gate.cfg.tasks.global_concurrency.is_some() {
+        match gate.ledger.fleet_in_flight().await {
+            Ok(Some(total)) => gate
+                .limits
+                .set_total(u32::try_from(total).unwrap_or(u32::MAX)),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "reading the fleet's tasks in flight failed"),
+        }
+    }
+    if n % 60 == 30 {
+        match gate.ledger.heal_in_flight().await {
+            Ok(keys) if !keys.is_empty() => tracing::warn!(
+                count = keys.len(),
+                "tasks-in-flight counts corrected (a replica of an older version, or an edit by hand)"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "checking the tasks-in-flight counts failed"),
         }
     }
 }

@@ -582,3 +582,95 @@ async fn key_changes_are_pushed_to_other_replicas_also_after_a_lost_connection()
     assert!(m.contains("gate_key_push_connected 1"), "{m}");
     c.shutdown().await;
 }
+
+/// A key's limit on tasks in flight holds for the fleet, not per replica: a
+/// task running through A counts on B too, and its end, seen by whichever
+/// replica, frees the slot on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_task_limit_holds_across_replicas_and_an_end_seen_anywhere_frees_it() {
+    let Some(f) = fleet(SimConfig {
+        task_ms: 300,
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let (id, secret) = f
+        .create_key(json!({"name": "one at a time", "budget": 1000, "concurrency": 1, "rps": 100}))
+        .await;
+    f.until_b_knows(&secret).await;
+    for round in 0..3 {
+        // The task runs through A (round 0), or B, A (later rounds)...
+        let (first, second) = if round % 2 == 0 {
+            (&f.a, &f.b)
+        } else {
+            (&f.b, &f.a)
+        };
+        let v = f.post(first, "/aiapi/v1/draw", &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "round {round}: {v}");
+        let task = v["data"]["paintingSign"].as_str().unwrap().to_owned();
+        // ... so the other replica refuses a second one while it runs.
+        let v = f.post(second, "/aiapi/v1/draw", &secret, SEED_768).await;
+        assert_eq!(
+            v["code"], 1005,
+            "round {round}: a second task in flight on the other replica: {v}"
+        );
+        // Its end is seen by the other replica (the client polls there).
+        let poll = json!({"taskId": task, "waitUtilEnd": true}).to_string();
+        let v = f
+            .post(second, "/aiapi/v1/task/detail", &secret, &poll)
+            .await;
+        assert_eq!(v["data"]["state"], "success", "{v}");
+    }
+    // Every slot is free on both replicas: one more task each, in turn.
+    for gate in [&f.a, &f.b] {
+        let v = f.post(gate, "/aiapi/v1/draw", &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+        let task = v["data"]["paintingSign"].as_str().unwrap().to_owned();
+        let poll = json!({"taskId": task, "waitUtilEnd": true}).to_string();
+        let v = f.post(gate, "/aiapi/v1/task/detail", &secret, &poll).await;
+        assert_eq!(v["data"]["state"], "success", "{v}");
+    }
+    assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 5);
+    let report = f.a.gate.ledger.verify().await.unwrap();
+    assert!(report.mismatches.is_empty(), "{report:?}");
+    let _ = id;
+}
+
+/// The operator-wide cap on tasks in flight counts the tasks of all replicas,
+/// as read from the store every second: a task running through A keeps B
+/// from going over the cap, and its end, seen by B, frees A's place too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_task_cap_counts_every_replicas_tasks() {
+    let Some(f) = fleet_with(
+        SimConfig {
+            task_ms: 2000,
+            ..Default::default()
+        },
+        &|c| c.tasks.global_concurrency = Some(1),
+    )
+    .await
+    else {
+        return;
+    };
+    let (_, secret) = f
+        .create_key(json!({"name": "capped", "budget": 1000, "rps": 100}))
+        .await;
+    f.until_b_knows(&secret).await;
+    let v = f.post(&f.a, "/aiapi/v1/draw", &secret, SEED_768).await;
+    assert_eq!(v["code"], 0, "{v}");
+    let task = v["data"]["paintingSign"].as_str().unwrap().to_owned();
+    // Within about a second B counts A's task.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let v = f.post(&f.b, "/aiapi/v1/draw", &secret, SEED_768).await;
+    assert_eq!(v["code"], 1005, "B went over the cap: {v}");
+    // B sees the task end; within about a second A has its place back.
+    let poll = json!({"taskId": task, "waitUtilEnd": true}).to_string();
+    let v = f.post(&f.b, "/aiapi/v1/task/detail", &secret, &poll).await;
+    assert_eq!(v["data"]["state"], "success", "{v}");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let v = f.post(&f.a, "/aiapi/v1/draw", &secret, SEED_768).await;
+    assert_eq!(v["code"], 0, "A still counts a task that ended: {v}");
+    assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 2);
+}

@@ -186,6 +186,12 @@ impl Default for LedgerConfig {
 }
 
 impl LedgerConfig {
+    /// Whether the store is shared by replicas (PostgreSQL): what each gate
+    /// holds in memory (key cache, task counts) is then only its own view.
+    pub fn shared(&self) -> bool {
+        self.backend == BackendKind::Postgres
+    }
+
     fn tz(&self) -> Result<chrono_tz::Tz, LedgerError> {
         self.timezone
             .parse::<chrono_tz::Tz>()
@@ -349,6 +355,13 @@ pub enum LedgerError {
     /// disabled, expired or rotated since this gate last read it.
     #[error("key {0} is disabled, expired or rotated in the shared store")]
     KeyRefused(KeyId),
+    /// The shared store counts as many of the key's tasks in flight, on all
+    /// replicas together, as its limit allows.
+    #[error("concurrent-task limit reached: {limit} tasks of this key are still running")]
+    TaskLimit {
+        /// The key's limit.
+        limit: u32,
+    },
     /// No transfer chain with this id.
     #[error("no ledger transfer {0}")]
     UnknownTransfer(TransferId),
@@ -553,25 +566,47 @@ impl Ledger {
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
-        self.reserve_as(key, None, points, id).await
+        self.reserve_as(key, KeyTerms::default(), points, id).await
     }
 
-    /// [`Ledger::reserve`] for a request that presented the secret whose hex
-    /// SHA-256 is `secret_hash`. A shared store makes the reservation only if
-    /// the key is, in the store and at that moment, enabled, unexpired and
-    /// still has that secret (else `KeyRefused`): a key disabled or rotated on
-    /// one replica pays for nothing more on any other, whatever their caches
-    /// hold. The embedded ledger has one writer, whose cache is the truth.
+    /// [`Ledger::reserve`] for a request on the terms of its key. A shared
+    /// store makes the reservation only if, in the store and at that moment,
+    /// the key is enabled, unexpired and still has the secret presented (else
+    /// `KeyRefused`): a key disabled or rotated on one replica pays for nothing
+    /// more on any other, whatever their caches hold; and only if the key's
+    /// tasks in flight on all replicas together are below its limit (else
+    /// `TaskLimit`). The embedded ledger has one writer, whose cache and
+    /// counts are the truth: it leaves both to the gate.
     pub async fn reserve_as(
         &self,
         key: &KeyId,
-        secret_hash: Option<&str>,
+        terms: KeyTerms<'_>,
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
         match &*self.inner {
             Backend::Sqlite(b) => b.reserve(key, points, id).await,
-            Backend::Postgres(b) => b.reserve(key, secret_hash, points, id).await,
+            Backend::Postgres(b) => b.reserve(key, terms, points, id).await,
+        }
+    }
+
+    /// With a shared store, sets each account's count of tasks in flight to
+    /// what its chains and tasks say, where the two differ (replicas of an
+    /// older version, during an upgrade, do not count); the keys corrected.
+    /// Nothing to do for the embedded ledger, whose gate counts in memory.
+    pub async fn heal_in_flight(&self) -> Result<Vec<KeyId>, LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(b) => b.heal_in_flight().await,
+        }
+    }
+
+    /// With a shared store, the tasks in flight of all keys on all replicas
+    /// (`None` for the embedded ledger).
+    pub async fn fleet_in_flight(&self) -> Result<Option<u64>, LedgerError> {
+        match &*self.inner {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(b) => b.fleet_in_flight().await.map(Some),
         }
     }
 
@@ -845,6 +880,17 @@ impl GroupCommits {
         self.rollbacks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// What a shared store checks about the key in the statement that reserves
+/// (see [`Ledger::reserve_as`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyTerms<'a> {
+    /// Hex SHA-256 of the secret the request presented: the key must be
+    /// usable under it.
+    pub secret_hash: Option<&'a str>,
+    /// The key's limit on tasks in flight, on all replicas together.
+    pub task_limit: Option<u32>,
 }
 
 /// What a shared store's key-change listener has seen (`/metrics`), and the

@@ -52,12 +52,11 @@ pub(super) enum Stmt {
     Task,
 }
 
-/// The account a job locks, for the batch's lock statement.
+/// The account a job locks, for the batch's lock statement (every job
+/// changes an account row: a task registration counts a task in flight).
 pub(super) enum Lock {
     /// The account's key.
     Account(String),
-    /// No account row (a task registration).
-    None,
 }
 
 pub(super) type Params = Vec<Box<dyn ToSql + Sync + Send>>;
@@ -209,9 +208,8 @@ async fn run_batch(pool: &Pool, sql: &Sql, jobs: &[Job]) -> Result<Vec<Vec<Row>>
     }
     let keys: Vec<&str> = jobs
         .iter()
-        .filter_map(|j| match &j.lock {
-            Lock::Account(k) => Some(k.as_str()),
-            Lock::None => None,
+        .map(|j| match &j.lock {
+            Lock::Account(k) => k.as_str(),
         })
         .collect();
     let lock = client

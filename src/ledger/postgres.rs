@@ -19,7 +19,7 @@ use super::pgbatch::{refs, Batched, Batcher, Lock, Params, Stmt};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
-    Durability, GroupCommits, IdemBegin, KeyVersion, KeyWatch, LedgerConfig, LedgerError,
+    Durability, GroupCommits, IdemBegin, KeyTerms, KeyVersion, KeyWatch, LedgerConfig, LedgerError,
     PendingPolicy, Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TransferRow,
     VerifyReport, IDEM_RETENTION_MS,
 };
@@ -30,6 +30,16 @@ use crate::tasks::{TaskRecord, TaskState};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
+
+/// The tasks in flight of each key that has any, from the chains and tasks
+/// themselves (reservations pending, tasks open): what `accounts.in_flight`
+/// must equal. A macro so that the statements below can embed it.
+macro_rules! in_flight_truth {
+    () => {
+        "SELECT key, count(*) AS n FROM (SELECT key FROM chains WHERE state = 'pending' \
+         UNION ALL SELECT key FROM tasks WHERE state = 'open') f GROUP BY key"
+    };
+}
 
 /// Serialises schema migrations of concurrently starting replicas.
 const MIGRATION_LOCK: i64 = 0x0063_6875_7a68_616e; // "chuzhan"
@@ -133,7 +143,34 @@ END $$;
 CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
     FOR EACH STATEMENT EXECUTE FUNCTION keys_changed_notify();
 "#,
+    // v7: each account counts its tasks in flight (reservations pending and
+    // tasks open), so that a key's task limit holds across replicas. Every
+    // statement that moves a chain out of pending or a task out of open keeps
+    // it; `heal_in_flight` corrects what replicas of an older version, still
+    // serving during an upgrade, did not count.
+    concat!(
+        "ALTER TABLE accounts ADD COLUMN in_flight BIGINT NOT NULL DEFAULT 0;\n",
+        "UPDATE accounts a SET in_flight = t.n FROM (",
+        in_flight_truth!(),
+        ") t WHERE a.key = t.key;"
+    ),
 ];
+
+/// The accounts whose count of tasks in flight is not what their chains and
+/// tasks say: key, count, truth.
+const IN_FLIGHT_DRIFT: &str = concat!(
+    "SELECT a.key, a.in_flight, COALESCE(t.n, 0) FROM accounts a LEFT JOIN (",
+    in_flight_truth!(),
+    ") t ON t.key = a.key WHERE a.in_flight <> COALESCE(t.n, 0) ORDER BY a.key"
+);
+
+/// The heal's second look, under the accounts' locks.
+const IN_FLIGHT_HEAL: &str = concat!(
+    "UPDATE accounts a SET in_flight = COALESCE(t.n, 0) FROM accounts b LEFT JOIN (",
+    in_flight_truth!(),
+    ") t ON t.key = b.key WHERE a.key = b.key AND a.key = ANY($1) ",
+    "AND a.in_flight <> COALESCE(t.n, 0) RETURNING a.key"
+);
 
 /// The current window start for each period kind, passed to the statements
 /// that may apply a lazy period reset.
@@ -145,6 +182,8 @@ const PERIOD_CASE: &str = "CASE a.period WHEN 'day' THEN $D::bigint WHEN 'week' 
 /// secret the request presented, is given) the key is at this moment usable in
 /// the store under that secret: a key disabled, expired or rotated on another
 /// replica stops paying for requests at once, not at this replica's next poll.
+/// When `$10` is given, the key's tasks in flight across all replicas
+/// (`accounts.in_flight`, read under the row's lock) must be below it.
 const RESERVE: &str = "
 WITH live AS (
     SELECT ($9::text IS NULL OR EXISTS (
@@ -152,7 +191,7 @@ WITH live AS (
             AND (k.usable_until_ms IS NULL OR k.usable_until_ms > $5)
     )) AS ok
 ), old AS (
-    SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, PERIOD_CASE AS cur
+    SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, a.in_flight, PERIOD_CASE AS cur
     FROM accounts a WHERE a.key = $2 FOR UPDATE
 ), eff AS (
     SELECT *, (cur IS NOT NULL AND window_ms < cur) AS do_reset,
@@ -162,9 +201,11 @@ WITH live AS (
     UPDATE accounts a SET
         spent = eff.espent,
         window_ms = CASE WHEN eff.do_reset THEN eff.cur ELSE a.window_ms END,
-        reserved = a.reserved + $3
+        reserved = a.reserved + $3,
+        in_flight = a.in_flight + 1
     FROM eff, live
     WHERE a.key = eff.key AND eff.espent + a.reserved + $3 <= a.budget AND live.ok
+        AND ($10::bigint IS NULL OR a.in_flight < $10)
         AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.id = $1)
     RETURNING a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent
 ), ch AS (
@@ -176,12 +217,30 @@ WITH live AS (
         CASE WHEN do_reset THEN window_ms END, CASE WHEN do_reset THEN old_spent END, 'gate', '', $5
     FROM acc
 )
-SELECT e.budget, e.espent, e.reserved, a.budget AS nb, a.spent AS ns, a.reserved AS nr,
+SELECT e.budget, e.espent, e.reserved, e.in_flight AS busy, a.budget AS nb, a.spent AS ns, a.reserved AS nr,
     EXISTS (SELECT 1 FROM chains c WHERE c.id = $1) AS taken, (SELECT ok FROM live) AS live
 FROM eff e LEFT JOIN acc a ON true";
 
-const PUT_TASK: &str = "INSERT INTO tasks (task_id, key, state, created_ms, checked_ms, record) \
-                        VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (task_id) DO NOTHING";
+/// A task registration (first write wins); a new open task counts in its
+/// account's tasks in flight.
+const PUT_TASK: &str = "
+WITH t AS (
+    INSERT INTO tasks (task_id, key, state, created_ms, checked_ms, record)
+    VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (task_id) DO NOTHING
+    RETURNING key, state
+)
+UPDATE accounts a SET in_flight = a.in_flight + 1 FROM t WHERE a.key = t.key AND t.state = 'open'";
+
+/// A task's end, once (of concurrent enders exactly one changes the row); it
+/// no longer counts in its account's tasks in flight.
+const END_TASK: &str = "
+WITH t AS (
+    UPDATE tasks SET state = $2, checked_ms = $3 WHERE task_id = $1 AND state = 'open'
+    RETURNING key
+), acc AS (
+    UPDATE accounts a SET in_flight = GREATEST(a.in_flight - 1, 0) FROM t WHERE a.key = t.key
+)
+SELECT count(*) FROM t";
 
 const COMMIT: &str = "
 WITH ch AS (
@@ -198,7 +257,8 @@ WITH ch AS (
     UPDATE accounts a SET
         spent = eff.espent + $2,
         window_ms = CASE WHEN eff.do_reset THEN eff.cur ELSE a.window_ms END,
-        reserved = a.reserved - eff.rsv
+        reserved = a.reserved - eff.rsv,
+        in_flight = GREATEST(a.in_flight - 1, 0)
     FROM eff WHERE a.key = eff.key
     RETURNING a.key, a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent,
         GREATEST(0, $2 - GREATEST(0, eff.budget - eff.espent - (eff.reserved - eff.rsv))) AS overage
@@ -215,7 +275,8 @@ WITH ch AS (
     UPDATE chains SET state = 'voided', settled_ms = $2
     WHERE id = $1 AND state = 'pending' RETURNING key, reserved
 ), acc AS (
-    UPDATE accounts a SET reserved = a.reserved - ch.reserved
+    UPDATE accounts a SET reserved = a.reserved - ch.reserved,
+        in_flight = GREATEST(a.in_flight - 1, 0)
     FROM ch WHERE a.key = ch.key
     RETURNING a.key, a.budget, a.spent, a.reserved, ch.reserved AS rsv
 ), tr AS (
@@ -348,7 +409,12 @@ pub(super) struct PgLedger {
 
 /// A reservation's answer from the rows of `RESERVE`: `None` when its id is
 /// taken (a replay to look up).
-fn reserved(rows: &[Row], key: &KeyId, points: Points) -> Result<Option<Reserved>, LedgerError> {
+fn reserved(
+    rows: &[Row],
+    key: &KeyId,
+    points: Points,
+    task_limit: Option<u32>,
+) -> Result<Option<Reserved>, LedgerError> {
     let row = rows
         .first()
         .ok_or_else(|| LedgerError::UnknownAccount(key.clone()))?;
@@ -363,6 +429,14 @@ fn reserved(rows: &[Row], key: &KeyId, points: Points) -> Result<Option<Reserved
         let budget: i64 = row.try_get("budget").map_err(pg)?;
         let spent: i64 = row.try_get("espent").map_err(pg)?;
         let reserved: i64 = row.try_get("reserved").map_err(pg)?;
+        let busy: i64 = row.try_get("busy").map_err(pg)?;
+        let fits = spent
+            .saturating_add(reserved)
+            .saturating_add(to_i64(points.get())?)
+            <= budget;
+        if let Some(limit) = task_limit.filter(|l| fits && busy >= i64::from(*l)) {
+            return Err(LedgerError::TaskLimit { limit });
+        }
         return Err(LedgerError::Insufficient {
             needed: points,
             remaining: Points(to_u64(
@@ -601,7 +675,7 @@ impl PgLedger {
     fn reserve_params(
         &self,
         key: &KeyId,
-        secret_hash: Option<&str>,
+        terms: KeyTerms<'_>,
         points: Points,
         id: &TransferId,
     ) -> Result<Params, LedgerError> {
@@ -616,7 +690,8 @@ impl PgLedger {
             Box::new(d),
             Box::new(w),
             Box::new(m),
-            Box::new(secret_hash.map(str::to_owned)),
+            Box::new(terms.secret_hash.map(str::to_owned)),
+            Box::new(terms.task_limit.map(i64::from)),
         ])
     }
 
@@ -766,11 +841,11 @@ impl PgLedger {
     pub(super) async fn reserve(
         &self,
         key: &KeyId,
-        secret_hash: Option<&str>,
+        terms: KeyTerms<'_>,
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
-        let params = self.reserve_params(key, secret_hash, points, id)?;
+        let params = self.reserve_params(key, terms, points, id)?;
         match self
             .batch
             .run(
@@ -780,7 +855,7 @@ impl PgLedger {
             )
             .await
         {
-            Ok(rows) => match reserved(&rows, key, points)? {
+            Ok(rows) => match reserved(&rows, key, points, terms.task_limit)? {
                 Some(r) => {
                     self.chain_keys
                         .insert(id.as_str().to_owned(), key.as_str().to_owned());
@@ -788,7 +863,7 @@ impl PgLedger {
                 }
                 None => self.reserve_replay(key, id).await,
             },
-            Err(Batched::Alone) => self.reserve_alone(key, secret_hash, points, id).await,
+            Err(Batched::Alone) => self.reserve_alone(key, terms, points, id).await,
             Err(e) => Err(e.into()),
         }
     }
@@ -797,17 +872,17 @@ impl PgLedger {
     async fn reserve_alone(
         &self,
         key: &KeyId,
-        secret_hash: Option<&str>,
+        terms: KeyTerms<'_>,
         points: Points,
         id: &TransferId,
     ) -> Result<Reserved, LedgerError> {
-        let params = self.reserve_params(key, secret_hash, points, id)?;
+        let params = self.reserve_params(key, terms, points, id)?;
         let client = self.client().await?;
         let stmt = client.prepare_cached(&self.reserve_sql).await.map_err(pg)?;
         let res = client.query(&stmt, &refs(&params)).await;
         drop(client);
         match res {
-            Ok(rows) => match reserved(&rows, key, points)? {
+            Ok(rows) => match reserved(&rows, key, points, terms.task_limit)? {
                 Some(r) => Ok(r),
                 None => self.reserve_replay(key, id).await,
             },
@@ -1089,8 +1164,68 @@ impl PgLedger {
             })
             .collect::<Result<Vec<_>, tokio_postgres::Error>>()
             .map_err(pg)?;
+        let drifted = tx
+            .query(IN_FLIGHT_DRIFT, &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                Ok(format!(
+                    "account {}: counts {} tasks in flight, its chains and tasks {}",
+                    r.try_get::<_, String>(0)?,
+                    r.try_get::<_, i64>(1)?,
+                    r.try_get::<_, i64>(2)?
+                ))
+            })
+            .collect::<Result<Vec<_>, tokio_postgres::Error>>()
+            .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
-        Ok(replay_verify(&transfers, &accounts, &chains))
+        let mut report = replay_verify(&transfers, &accounts, &chains);
+        report.mismatches.extend(drifted);
+        Ok(report)
+    }
+
+    /// See [`super::Ledger::heal_in_flight`]. The accounts that differ are
+    /// locked first, then counted again: every statement that changes the
+    /// count holds its account's lock, so the second look is exact.
+    pub(super) async fn heal_in_flight(&self) -> Result<Vec<KeyId>, LedgerError> {
+        let mut client = self.client().await?;
+        let keys: Vec<String> = client
+            .query(IN_FLIGHT_DRIFT, &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(pg)?;
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute(
+            "SELECT 1 FROM accounts WHERE key = ANY($1) ORDER BY key FOR UPDATE",
+            &[&keys],
+        )
+        .await
+        .map_err(pg)?;
+        let healed = tx
+            .query(IN_FLIGHT_HEAL, &[&keys])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.try_get(0).map(KeyId))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(healed)
+    }
+
+    /// The tasks in flight of all keys on all replicas.
+    pub(super) async fn fleet_in_flight(&self) -> Result<u64, LedgerError> {
+        Ok(to_u64(
+            self.number("SELECT COALESCE(sum(in_flight), 0)::bigint FROM accounts")
+                .await?,
+        ))
     }
 
     pub(super) async fn ping(&self) -> Result<(), LedgerError> {
@@ -1363,7 +1498,8 @@ impl PgLedger {
             Box::new(created),
             Box::new(json.clone()),
         ];
-        match self.batch.run(Stmt::Task, params, Lock::None).await {
+        let lock = Lock::Account(rec.key.as_str().to_owned());
+        match self.batch.run(Stmt::Task, params, lock).await {
             Ok(_) => Ok(()),
             Err(Batched::Failed(e)) => Err(LedgerError::Storage(e)),
             Err(Batched::Alone) => {
@@ -1411,16 +1547,13 @@ impl PgLedger {
     ) -> Result<bool, LedgerError> {
         // One conditional UPDATE: of concurrent enders (replicas, duplicate
         // callbacks, polls) exactly one sees a row changed.
-        let n = self
+        let row = self
             .client()
             .await?
-            .execute(
-                "UPDATE tasks SET state = $2, checked_ms = $3 WHERE task_id = $1 AND state = 'open'",
-                &[&id, &super::stored_end(state), &at_ms],
-            )
+            .query_one(END_TASK, &[&id, &super::stored_end(state), &at_ms])
             .await
             .map_err(pg)?;
-        Ok(n == 1)
+        Ok(row.try_get::<_, i64>(0).map_err(pg)? == 1)
     }
 
     pub(super) async fn due_tasks(
