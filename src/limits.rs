@@ -199,6 +199,11 @@ impl Limits {
         self.total.store(n, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The count the global cap is checked against.
+    pub fn total(&self) -> u32 {
+        self.total.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Tasks in flight for a key.
     pub fn in_flight(&self, key: &KeyId) -> u32 {
         self.in_flight.get(key).map(|n| *n).unwrap_or(0)

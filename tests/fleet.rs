@@ -112,6 +112,16 @@ impl Fleet {
         v["code"].clone()
     }
 
+    /// Polls a task on `gate` until it ends (the simulator's tasks succeed),
+    /// so that `gate` is the replica that sees the end.
+    async fn until_ended(&self, gate: &Running, secret: &str, task: &str) {
+        let poll = json!({"taskId": task, "waitUtilEnd": true}).to_string();
+        let v = self
+            .post(gate, "/aiapi/v1/task/detail", secret, &poll)
+            .await;
+        assert_eq!(v["data"]["state"], "success", "{v}");
+    }
+
     /// Wait until replica B knows the key (changes are pushed, and polled every second).
     async fn until_b_knows(&self, secret: &str) {
         for _ in 0..50 {
@@ -470,7 +480,12 @@ async fn a_background_check_stuck_on_a_slow_upstream_does_not_hold_up_key_change
 
 /// Whether `cond` holds within 3 s (looked at every millisecond).
 async fn within_3s(cond: impl Fn() -> bool) -> bool {
-    for _ in 0..3000 {
+    within(3, cond).await
+}
+
+/// Whether `cond` holds within `secs` (looked at every millisecond).
+async fn within(secs: u32, cond: impl Fn() -> bool) -> bool {
+    for _ in 0..secs * 1000 {
         if cond() {
             return true;
         }
@@ -596,7 +611,7 @@ async fn a_keys_task_limit_holds_across_replicas_and_an_end_seen_anywhere_frees_
     else {
         return;
     };
-    let (id, secret) = f
+    let (_, secret) = f
         .create_key(json!({"name": "one at a time", "budget": 1000, "concurrency": 1, "rps": 100}))
         .await;
     f.until_b_knows(&secret).await;
@@ -617,25 +632,18 @@ async fn a_keys_task_limit_holds_across_replicas_and_an_end_seen_anywhere_frees_
             "round {round}: a second task in flight on the other replica: {v}"
         );
         // Its end is seen by the other replica (the client polls there).
-        let poll = json!({"taskId": task, "waitUtilEnd": true}).to_string();
-        let v = f
-            .post(second, "/aiapi/v1/task/detail", &secret, &poll)
-            .await;
-        assert_eq!(v["data"]["state"], "success", "{v}");
+        f.until_ended(second, &secret, &task).await;
     }
     // Every slot is free on both replicas: one more task each, in turn.
     for gate in [&f.a, &f.b] {
         let v = f.post(gate, "/aiapi/v1/draw", &secret, SEED_768).await;
         assert_eq!(v["code"], 0, "{v}");
         let task = v["data"]["paintingSign"].as_str().unwrap().to_owned();
-        let poll = json!({"taskId": task, "waitUtilEnd": true}).to_string();
-        let v = f.post(gate, "/aiapi/v1/task/detail", &secret, &poll).await;
-        assert_eq!(v["data"]["state"], "success", "{v}");
+        f.until_ended(gate, &secret, &task).await;
     }
     assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 5);
     let report = f.a.gate.ledger.verify().await.unwrap();
     assert!(report.mismatches.is_empty(), "{report:?}");
-    let _ = id;
 }
 
 /// The operator-wide cap on tasks in flight counts the tasks of all replicas,
@@ -662,14 +670,18 @@ async fn the_global_task_cap_counts_every_replicas_tasks() {
     assert_eq!(v["code"], 0, "{v}");
     let task = v["data"]["paintingSign"].as_str().unwrap().to_owned();
     // Within about a second B counts A's task.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(
+        within(5, || f.b.gate.limits.total() == 1).await,
+        "B never counted A's task"
+    );
     let v = f.post(&f.b, "/aiapi/v1/draw", &secret, SEED_768).await;
     assert_eq!(v["code"], 1005, "B went over the cap: {v}");
     // B sees the task end; within about a second A has its place back.
-    let poll = json!({"taskId": task, "waitUtilEnd": true}).to_string();
-    let v = f.post(&f.b, "/aiapi/v1/task/detail", &secret, &poll).await;
-    assert_eq!(v["data"]["state"], "success", "{v}");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    f.until_ended(&f.b, &secret, &task).await;
+    assert!(
+        within(5, || f.a.gate.limits.total() == 0).await,
+        "A never let go of a task that ended on B"
+    );
     let v = f.post(&f.a, "/aiapi/v1/draw", &secret, SEED_768).await;
     assert_eq!(v["code"], 0, "A still counts a task that ended: {v}");
     assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 2);
