@@ -2,7 +2,10 @@
 //! submits per second, and a count of tasks in flight (submitted, not yet ended).
 //!
 //! State is per gate process, in `DashMap`s keyed by key id: the shard lock is held
-//! only for the few arithmetic steps of one check, never across an `.await`.
+//! only for the few arithmetic steps of one check, never across an `.await`. With a
+//! shared store (replicas), a key's tasks in flight are counted and checked in the
+//! store instead (the reservation), and the global count is set every second to the
+//! fleet's (`Limits::set_total`); the submit rate stays per process.
 
 use crate::points::KeyId;
 use dashmap::DashMap;

@@ -39,8 +39,9 @@ use tokio_postgres::Row;
 /// At most this many jobs in one transaction.
 const MAX_BATCH: usize = 128;
 
-/// Locks every account of a batch, in key order, before any job runs.
-const LOCK_ACCOUNTS: &str =
+/// Locks every account of a batch, in key order, before any job runs (also
+/// the heal's lock, `PgLedger::heal_in_flight`).
+pub(super) const LOCK_ACCOUNTS: &str =
     "SELECT 1 FROM accounts WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE";
 
 /// Which statement a job runs.

@@ -15,7 +15,7 @@
 //! A transition that finds nothing to change (the chain id already reserved,
 //! already settled) is then looked up to answer as a replay or a conflict.
 
-use super::pgbatch::{refs, Batched, Batcher, Lock, Params, Stmt};
+use super::pgbatch::{refs, Batched, Batcher, Lock, Params, Stmt, LOCK_ACCOUNTS};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
@@ -1202,12 +1202,7 @@ impl PgLedger {
             return Ok(Vec::new());
         }
         let tx = client.transaction().await.map_err(pg)?;
-        tx.execute(
-            "SELECT 1 FROM accounts WHERE key = ANY($1) ORDER BY key FOR UPDATE",
-            &[&keys],
-        )
-        .await
-        .map_err(pg)?;
+        tx.execute(LOCK_ACCOUNTS, &[&keys]).await.map_err(pg)?;
         let healed = tx
             .query(IN_FLIGHT_HEAL, &[&keys])
             .await
