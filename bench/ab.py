@@ -13,7 +13,8 @@ bench/load.py), warms it up for 1 s and drives `POST /aiapi/v1/draw` with wrk (6
 connections) for --seconds; it records requests/s and the gate's CPU per request
 (utime + stime from /proc). It prints the medians and, per variant, the median of the
 per-round ratios to the first variant. --keys N spreads the draws over N keys, round-robin
-(for the PostgreSQL ledger, where one key's account row is the point of contention).
+(for the PostgreSQL ledger, where one key's account row is the point of contention);
+--key-fields '{"rps": 1000000}' gives every key those settings too.
 
 Why interleaved rounds and ratios: on the shared 2-core benchmark machine the same
 binary runs in two speeds for minutes at a time (about 70 and 130 µs of gate CPU per
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import re
 import statistics
@@ -52,7 +54,8 @@ def parse_variant(spec: str) -> tuple[str, str, dict, Path | None]:
     return label, binary, env, config
 
 
-def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: int, keys: int) -> tuple[float, float]:
+def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: int, keys: int,
+            fields: dict) -> tuple[float, float]:
     procs = load.Procs()
     schema = None
     with tempfile.TemporaryDirectory(prefix="gate-ab-") as d:
@@ -66,9 +69,9 @@ def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: in
         try:
             sim = load.start_sim(procs, binary, tmp)
             g = load.start_gate(procs, binary, tmp, "ab", sim, env, config)
-            key: str | list[str] = load.create_key(g, "ab", load.HUGE_BUDGET)
+            key: str | list[str] = load.create_key(g, "ab", load.HUGE_BUDGET, fields)
             if keys > 1:
-                key = [key] + [load.create_key(g, f"ab-{i}", load.HUGE_BUDGET) for i in range(1, keys)]
+                key = [key] + [load.create_key(g, f"ab-{i}", load.HUGE_BUDGET, fields) for i in range(1, keys)]
             url = g.url + load.DRAW_PATH
             load.run_wrk(url, key, conns, 1, tmp)
             before = load.cpu_seconds(g.proc.pid)
@@ -92,6 +95,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=3)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--keys", type=int, default=1, help="spread the draws over this many keys, round-robin")
+    ap.add_argument("--key-fields", type=json.loads, default={}, help="more settings for every key, as JSON")
     a = ap.parse_args()
     variants = [parse_variant(v) for v in a.variant]
     rps: dict[str, list[float]] = {v[0]: [] for v in variants}
@@ -99,7 +103,7 @@ def main() -> int:
     for r in range(a.rounds):
         line = []
         for label, binary, env, config in variants:
-            x, c = one_run(binary, env, config, a.seconds, a.connections, a.keys)
+            x, c = one_run(binary, env, config, a.seconds, a.connections, a.keys, a.key_fields)
             rps[label].append(x)
             cpu[label].append(c)
             line.append(f"{label} {x:,.0f} req/s {c:.0f} µs/req")

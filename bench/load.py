@@ -400,8 +400,10 @@ def restart_gate(procs: Procs, g: Gate) -> None:
         raise BenchError(f"gate ({g.name}) did not restart: {e}; its log:\n{tail(g.log_path)}") from None
 
 
-def create_key(g: Gate, name: str, budget: int) -> str:
-    status, body = http("POST", g.admin + "/admin/keys", {"name": name, "budget": budget}, g.admin_headers())
+def create_key(g: Gate, name: str, budget: int, fields: dict | None = None) -> str:
+    """A new key's secret; `fields` are more of the key's settings (`{"rps": 100}`)."""
+    status, body = http("POST", g.admin + "/admin/keys", {"name": name, "budget": budget, **(fields or {})},
+                        g.admin_headers())
     if status not in (200, 201):
         raise BenchError(f"POST /admin/keys answered {status}: {body[:300]!r}")
     return json.loads(body)["key"]

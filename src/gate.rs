@@ -20,7 +20,7 @@ use crate::config::{Config, RejectStatus, UnknownOutcome};
 use crate::envelope::{self, Code};
 use crate::json_edit;
 use crate::keys::{ActiveKey, KeyCache};
-use crate::ledger::{IdemBegin, KeyTerms, Ledger, LedgerError, Settled, StoredAnswer};
+use crate::ledger::{IdemBegin, KeyTerms, Ledger, LedgerError, Settled, StoredAnswer, SubmitRate};
 use crate::points::{Points, TransferId};
 use crate::pricing::{self, Endpoint, PriceInputs, Priced, Quote};
 use crate::tasks::{self, TaskRecord, TaskState};
@@ -273,27 +273,18 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
             // client asked for a callback and the gate has a public URL.
             let plan = tasks::plan_callback(gate.cfg.public_url.as_deref(), &body);
             let body = plan.as_ref().map(|p| p.body.clone()).unwrap_or(body);
-            // From here the request is paid for: forward and settle must both run even
-            // if the client goes away, so they run in their own task.
             // From here the request is paid for. It runs in its own task (see
             // `handle`), so forward and settle complete even if the client goes away.
             let sent_at = Instant::now();
             let fwd = forward(gate, &pq, &parts.headers, body).await;
             let latency = sent_at.elapsed();
             let settled = settle(gate, &key, ep, reservation, &quote, &fwd, plan).await;
-            let registered = match &settled {
-                Ok(s) => s.registered,
-                Err(_) => Ok(false),
-            };
-            if matches!(registered, Ok(true)) {
+            if matches!(&settled, Ok(s) if s.registered) {
                 gate.limits.keep(slot);
             } else {
                 gate.limits.cancel(slot);
             }
-            let out = match registered {
-                Err(msg) => Err(Reject::new(Code::Internal, "ledger", msg)),
-                Ok(_) => finish_billable(fwd, &settled),
-            };
+            let out = finish_billable(fwd, &settled);
             if let Some(ik) = &idem_key {
                 match &out {
                     Ok(Outcome::Upstream(a)) => {
@@ -600,17 +591,20 @@ async fn price_inputs(
 
 /// Limits: the key's submit rate and tasks in flight, and the operator-wide cap,
 /// checked before anything is reserved. Over a limit → 1005. With a shared
-/// store the key's tasks in flight are counted there, on all replicas
-/// together, by the reservation itself (`reserve`).
+/// store this gate checks only the global cap: the key's rate and tasks in
+/// flight are kept there, for all replicas together, and checked by the
+/// reservation itself (`reserve`).
 fn limit(gate: &Gate, key: &ActiveKey) -> Result<crate::limits::Slot, Reject> {
-    let here = (!gate.cfg.ledger.shared())
-        .then_some(key.concurrency)
-        .flatten();
+    let here = !gate.cfg.ledger.shared();
+    let own = |v: Option<u32>| v.filter(|_| here);
     gate.limits
-        .check_rate(&key.id, key.rps, key.burst)
+        .check_rate(&key.id, own(key.rps), own(key.burst))
         .and_then(|()| {
-            gate.limits
-                .acquire(&key.id, here, gate.cfg.tasks.global_concurrency)
+            gate.limits.acquire(
+                &key.id,
+                own(key.concurrency),
+                gate.cfg.tasks.global_concurrency,
+            )
         })
         .map_err(limit_reject)
 }
@@ -700,6 +694,7 @@ async fn reserve(
     let terms = KeyTerms {
         secret_hash: Some(&secret_hash),
         task_limit: key.concurrency,
+        rate: SubmitRate::of(key.rps, key.burst),
     };
     match gate.ledger.reserve_as(&key.id, terms, points, &id).await {
         Ok(r) => {
@@ -716,6 +711,9 @@ async fn reserve(
             Err(limit_reject(crate::limits::LimitError::Concurrency {
                 limit,
             }))
+        }
+        Err(LedgerError::RateLimit { rps }) => {
+            Err(limit_reject(crate::limits::LimitError::Rate { rps }))
         }
         Err(e) => Err(ledger_reject(e)),
     }
@@ -819,8 +817,8 @@ fn upstream_reject(e: &ForwardError) -> Reject {
 struct Settlement {
     charged: Points,
     upstream_points: Points,
-    /// Whether an accepted task was registered (`Err`: the client's message).
-    registered: Result<bool, &'static str>,
+    /// Whether an accepted task was registered (with its commit).
+    registered: bool,
     remaining: Points,
     settled: Option<Settled>,
     task_id: Option<String>,
@@ -887,7 +885,7 @@ async fn settle(
     let mut s = Settlement {
         charged: Points::ZERO,
         upstream_points: quote.points,
-        registered: Ok(false),
+        registered: false,
         remaining: Points::ZERO,
         settled: None,
         task_id: None,
@@ -939,18 +937,17 @@ async fn settle(
     };
     let started = Instant::now();
     let settled = match (charge, &s.task_id) {
-        // An accepted task: its commit and its registration are written together
-        // (they join the same group commit), so the client waits for one durable
-        // write, not two.
+        // An accepted task: its commit and its registration are one durable
+        // write, so the client waits for one write, and the task is in the
+        // registry exactly when its charge is in the ledger. Not cached here:
+        // most tasks are never polled through the gate (callbacks, the
+        // background check), and caching every submit grew memory by ~300 bytes
+        // per task; the first poll loads it, and its end evicts it.
         (Some(p), Some(task_id)) if p.get() > 0 => {
             let rec = task_record(gate, key, ep, &r.id, task_id, &s, p, plan);
-            let (settled, reg) =
-                tokio::join!(gate.ledger.commit(&r.id, p), tasks::register(gate, rec));
-            s.registered = reg.map(|()| true).map_err(|e| {
-                tracing::error!(error = %e, "task registry write failed");
-                "the task was accepted and charged but could not be registered; contact the operator"
-            });
-            settled?
+            let settled = gate.ledger.commit_task(&r.id, p, &rec).await?;
+            s.registered = true;
+            settled
         }
         (Some(p), _) => gate.ledger.commit(&r.id, p).await?,
         (None, _) => gate.ledger.void(&r.id).await?,

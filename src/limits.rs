@@ -3,10 +3,11 @@
 //!
 //! State is per gate process, in `DashMap`s keyed by key id: the shard lock is held
 //! only for the few arithmetic steps of one check, never across an `.await`. With a
-//! shared store (replicas), a key's tasks in flight are counted and checked in the
-//! store instead (the reservation), and the global count is set every second to the
-//! fleet's (`Limits::set_total`); the submit rate stays per process.
+//! shared store (replicas), a key's tasks in flight and its submit rate are counted
+//! and checked in the store instead (the reservation), and the global count is set
+//! every second to the fleet's (`Limits::set_total`).
 
+use crate::ledger::SubmitRate;
 use crate::points::KeyId;
 use dashmap::DashMap;
 use std::time::Instant;
@@ -103,10 +104,14 @@ impl Limits {
         rps: Option<u32>,
         burst: Option<u32>,
     ) -> Result<(), LimitError> {
-        let Some(rps) = rps.filter(|r| *r > 0) else {
+        let Some(SubmitRate {
+            per_sec: rps,
+            burst,
+        }) = SubmitRate::of(rps, burst)
+        else {
             return Ok(());
         };
-        let cap = f64::from(burst.unwrap_or(rps).max(1));
+        let cap = f64::from(burst);
         let now = Instant::now();
         let mut b = self
             .buckets

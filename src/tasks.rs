@@ -175,14 +175,6 @@ pub async fn owned(
     Ok((rec.key == *key).then_some(rec))
 }
 
-/// Register a task that was just charged. Durable before the client's answer.
-/// Not cached here: most tasks are never polled through the gate (callbacks, the
-/// background check), and caching every submit grew memory by ~300 bytes per task;
-/// the first poll loads it, and its end evicts it.
-pub async fn register(gate: &Gate, rec: TaskRecord) -> Result<(), crate::ledger::LedgerError> {
-    gate.ledger.put_task(&rec).await
-}
-
 /// The `data.state` of a detail answer (`success`, `fail`, `running`, ...).
 pub fn answer_state(body: &[u8]) -> Option<TaskState> {
     #[derive(Deserialize)]

@@ -61,6 +61,17 @@ impl Drop for Fleet {
 }
 
 impl Fleet {
+    /// Submits the simulator accepted, from all replicas.
+    fn submits(&self) -> u64 {
+        self.sim.stats().submits.values().sum()
+    }
+
+    /// `ledger verify` on the shared store finds nothing wrong.
+    async fn assert_books_clean(&self) {
+        let report = self.a.gate.ledger.verify().await.unwrap();
+        assert!(report.mismatches.is_empty(), "{report:?}");
+    }
+
     async fn create_key(&self, body: Value) -> (String, String) {
         let v: Value = self
             .http
@@ -180,16 +191,8 @@ async fn replicas_share_keys_and_never_overspend_a_shared_budget() {
             .unwrap();
     assert_eq!(acc.spent.get(), 120);
     assert_eq!(acc.reserved.get(), 0);
-    assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 10);
-    assert!(f
-        .b
-        .gate
-        .ledger
-        .verify()
-        .await
-        .unwrap()
-        .mismatches
-        .is_empty());
+    assert_eq!(f.submits(), 10);
+    f.assert_books_clean().await;
     // A rotation on A reaches B: the old secret stops working there too.
     let r: Value = f
         .http
@@ -238,7 +241,7 @@ async fn a_key_made_on_one_replica_works_on_the_other_at_once() {
     let made_up = format!("czg_{}", "0".repeat(48));
     let v = f.post(&f.b, "/aiapi/v1/draw", &made_up, SEED_768).await;
     assert_eq!(v["code"], 1001, "{v}");
-    assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 5);
+    assert_eq!(f.submits(), 5);
 }
 
 /// Disabling or rotating a key on one replica stops it paying for anything on
@@ -275,8 +278,7 @@ async fn a_key_disabled_or_rotated_on_one_replica_pays_for_nothing_on_another_at
         let id = chuzhan_gate::points::KeyId(id.to_owned());
         async move { ledger.account(&id).await.unwrap().spent.get() }
     };
-    let submits = || f.sim.stats().submits.values().sum::<u64>();
-    let before = submits();
+    let before = f.submits();
     // Key 0 is disabled; keys 1 and 2 are rotated, and B sees key 1's old
     // secret first (its cache still holds it as usable: the reservation is
     // refused), key 2's new one first (a secret B does not hold: looked up).
@@ -319,9 +321,8 @@ async fn a_key_disabled_or_rotated_on_one_replica_pays_for_nothing_on_another_at
         assert_eq!(v["code"], 1001, "{v}");
     }
     // The upstream saw only the two draws of the rotated keys' new secrets.
-    assert_eq!(submits() - before, 2);
-    let report = f.a.gate.ledger.verify().await.unwrap();
-    assert!(report.mismatches.is_empty(), "{report:?}");
+    assert_eq!(f.submits() - before, 2);
+    f.assert_books_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,15 +375,7 @@ async fn a_failed_task_seen_by_both_replicas_is_refunded_once() {
             .len();
     }
     assert_eq!(refunds, 1);
-    assert!(f
-        .a
-        .gate
-        .ledger
-        .verify()
-        .await
-        .unwrap()
-        .mismatches
-        .is_empty());
+    f.assert_books_clean().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -641,9 +634,8 @@ async fn a_keys_task_limit_holds_across_replicas_and_an_end_seen_anywhere_frees_
         let task = v["data"]["paintingSign"].as_str().unwrap().to_owned();
         f.until_ended(gate, &secret, &task).await;
     }
-    assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 5);
-    let report = f.a.gate.ledger.verify().await.unwrap();
-    assert!(report.mismatches.is_empty(), "{report:?}");
+    assert_eq!(f.submits(), 5);
+    f.assert_books_clean().await;
 }
 
 /// The operator-wide cap on tasks in flight counts the tasks of all replicas,
@@ -684,5 +676,47 @@ async fn the_global_task_cap_counts_every_replicas_tasks() {
     );
     let v = f.post(&f.a, "/aiapi/v1/draw", &secret, SEED_768).await;
     assert_eq!(v["code"], 0, "A still counts a task that ended: {v}");
-    assert_eq!(f.sim.stats().submits.values().sum::<u64>(), 2);
+    assert_eq!(f.submits(), 2);
+}
+
+/// A key's submit rate holds for the fleet, not per replica: its token
+/// bucket is kept in the store, so submits spread over replicas draw from
+/// one bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_submit_rate_holds_across_replicas() {
+    let Some(f) = fleet(SimConfig::default()).await else {
+        return;
+    };
+    let (_, secret) = f
+        .create_key(json!({"name": "slow", "budget": 1000, "rps": 1, "burst": 2}))
+        .await;
+    f.until_b_knows(&secret).await;
+    // Two saved up, taken one on each replica; then neither has one to give.
+    let started = std::time::Instant::now();
+    let mut codes = Vec::new();
+    for gate in [&f.a, &f.b, &f.a, &f.b] {
+        let v = f.post(gate, "/aiapi/v1/draw", &secret, SEED_768).await;
+        if v["code"] == 1005 {
+            let msg = v["msg"].as_str().unwrap_or_default();
+            assert!(msg.contains("rate limit"), "{v}");
+        }
+        codes.push(v["code"].as_i64().unwrap());
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(900),
+        "too slow to tell a refill from a leak"
+    );
+    assert_eq!(
+        codes,
+        [0, 0, 1005, 1005],
+        "the fleet let through more than the burst"
+    );
+    // A second later there is one more, for whichever replica asks first.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let v = f.post(&f.b, "/aiapi/v1/draw", &secret, SEED_768).await;
+    assert_eq!(v["code"], 0, "{v}");
+    let v = f.post(&f.a, "/aiapi/v1/draw", &secret, SEED_768).await;
+    assert_eq!(v["code"], 1005, "{v}");
+    assert_eq!(f.submits(), 3);
+    f.assert_books_clean().await;
 }

@@ -9,7 +9,7 @@ use chuzhan_gate::clock::{ManualClock, SharedClock, SystemClock};
 use chuzhan_gate::keys::KeyRecord;
 use chuzhan_gate::ledger::{
     verify_cmd, BackendKind, Due, Durability, GroupCommitStats, IdemBegin, KeyTerms, Ledger,
-    LedgerConfig, LedgerError, PendingPolicy, Period, SettleKind, StoredAnswer,
+    LedgerConfig, LedgerError, PendingPolicy, Period, SettleKind, StoredAnswer, SubmitRate,
 };
 use chuzhan_gate::points::{KeyId, Points, TransferId};
 use chuzhan_gate::tasks::{TaskRecord, TaskState};
@@ -85,6 +85,29 @@ impl Fx {
             Ok(l) => l,
             Err(e) => panic!("cannot open the {:?} ledger: {e}", cfg.backend),
         }
+    }
+
+    /// A ledger on the store, with an account of 1,000 points for `k`.
+    async fn open_with_account(&self, k: &KeyId) -> Ledger {
+        let l = self.open(system()).await;
+        l.open_account(k, Points(1000), Period::None, "admin", "")
+            .await
+            .unwrap();
+        l
+    }
+
+    /// Makes the PostgreSQL store what a gate of schema `version` left: the
+    /// later migrations undone, newest first.
+    async fn downgrade_to(&self, version: i32) {
+        let undo: String = PG_UNDO
+            .iter()
+            .filter(|(v, _)| *v > version)
+            .map(|(_, sql)| format!("{sql};\n"))
+            .collect();
+        self.tamper(&format!(
+            "{undo}DELETE FROM schema_migrations WHERE version > {version};"
+        ))
+        .await;
     }
 
     /// Runs SQL directly against the store, behind the ledger's back.
@@ -172,6 +195,8 @@ macro_rules! conformance {
 
 conformance!(
     a_shared_store_counts_each_keys_tasks_in_flight,
+    a_shared_store_keeps_each_keys_submit_rate,
+    a_task_is_registered_exactly_when_its_charge_is_committed,
     reserves_commits_voids_and_reports_remaining,
     refuses_a_reservation_that_does_not_fit,
     records_overage_when_a_commit_exceeds_the_budget,
@@ -781,7 +806,7 @@ async fn a_shared_store_reserves_only_for_a_usable_key_under_the_secret_presente
         async move {
             let terms = KeyTerms {
                 secret_hash: hash.as_deref(),
-                task_limit: None,
+                ..KeyTerms::default()
             };
             let got = l.reserve_as(&k, terms, Points(1), &id).await;
             match got {
@@ -831,12 +856,7 @@ async fn a_shared_store_reserves_only_for_a_usable_key_under_the_secret_presente
         // A store made before the check existed (schema version 4) learns
         // from each key's record when it may be used (and gets the key-change
         // push of version 6).
-        fx.tamper(
-            "ALTER TABLE keys DROP COLUMN usable_until_ms; ALTER TABLE accounts DROP COLUMN in_flight; \
-             DROP TRIGGER keys_changed ON keys; DROP FUNCTION keys_changed_notify(); \
-             DELETE FROM schema_migrations WHERE version >= 5;",
-        )
-        .await;
+        fx.downgrade_to(4).await;
         let l = fx.open(Arc::new(clock.clone())).await;
         all_cases(l.clone()).await;
         l.close().await.unwrap();
@@ -848,27 +868,18 @@ async fn a_shared_store_reserves_only_for_a_usable_key_under_the_secret_presente
 /// key's limit; the embedded ledger leaves the count to its one gate.
 async fn a_shared_store_counts_each_keys_tasks_in_flight(fx: &Fx) {
     let shared = fx.cfg().shared();
-    let l = fx.open(system()).await;
     let k = key("key_00000000000000b1");
-    l.open_account(&k, Points(1000), Period::None, "admin", "")
-        .await
-        .unwrap();
+    let l = fx.open_with_account(&k).await;
     let two = KeyTerms {
-        secret_hash: None,
         task_limit: Some(2),
+        ..KeyTerms::default()
     };
     // What a third reservation gets with `busy` of the key's tasks in flight.
-    let n = AtomicU64::new(0);
     let third = |l: &Ledger, busy: u32| {
-        let id = tid(&format!("0third{}", n.fetch_add(1, Ordering::SeqCst)));
         let (l, k) = (l.clone(), k.clone());
         async move {
-            let got = l.reserve_as(&k, two, Points(5), &id).await;
-            match got {
-                Ok(_) => {
-                    assert!(!shared || busy < 2, "{id}: reserved with {busy} in flight");
-                    l.void(&id).await.unwrap();
-                }
+            match probe(&l, &k, two).await {
+                Ok(()) => assert!(!shared || busy < 2, "reserved with {busy} in flight"),
                 Err(LedgerError::TaskLimit { limit }) => {
                     assert!(shared && busy >= 2, "refused with {busy} in flight");
                     assert_eq!(limit, 2);
@@ -949,17 +960,191 @@ async fn a_shared_store_counts_each_keys_tasks_in_flight(fx: &Fx) {
         l.put_task(&task("t-open", &k, &tid("0tl6"))).await.unwrap();
         l.close().await.unwrap();
         lb.close().await.unwrap();
-        fx.tamper(
-            "ALTER TABLE accounts DROP COLUMN in_flight; \
-             DELETE FROM schema_migrations WHERE version >= 7;",
-        )
-        .await;
+        fx.downgrade_to(6).await;
         let l = fx.open(system()).await;
         assert_clean(&l).await;
         third(&l, 2).await;
         l.close().await.unwrap();
     }
 }
+
+async fn a_shared_store_keeps_each_keys_submit_rate(fx: &Fx) {
+    let shared = fx.cfg().shared();
+    let k = key("key_00000000000000c1");
+    let l = fx.open_with_account(&k).await;
+    // One submit a second, three saved up.
+    let terms = KeyTerms {
+        rate: SubmitRate::of(Some(1), Some(3)),
+        ..KeyTerms::default()
+    };
+    // Whether a reservation by `l` on those terms is made.
+    let submit = |l: &Ledger| {
+        let (l, k) = (l.clone(), k.clone());
+        async move {
+            match probe(&l, &k, terms).await {
+                Ok(()) => true,
+                Err(LedgerError::RateLimit { rps }) => {
+                    assert_eq!(rps, 1);
+                    false
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let lb = if shared {
+        let mut b = fx.cfg();
+        b.instance = Some("test-b".into());
+        fx.open_with(b, system()).await
+    } else {
+        l.clone()
+    };
+    // The embedded ledger leaves the rate to its gate's memory.
+    if !shared {
+        for _ in 0..10 {
+            assert!(submit(&l).await);
+        }
+        return;
+    }
+    // The burst, taken through two replicas of the same store; then the
+    // bucket is empty for both (less than a second has passed: a token a
+    // second would have to pass 1,000 ms of refill in a few statements).
+    let started = std::time::Instant::now();
+    assert!(submit(&l).await);
+    assert!(submit(&lb).await);
+    assert!(submit(&l).await);
+    assert!(!submit(&lb).await);
+    assert!(!submit(&l).await);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(900),
+        "too slow to tell"
+    );
+    // With the bucket empty, a request over budget is still told so.
+    let big = tid("0rate-big");
+    assert!(matches!(
+        lb.reserve_as(&k, terms, Points(5000), &big).await,
+        Err(LedgerError::Insufficient { .. })
+    ));
+    // A second later the bucket holds one more.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(submit(&lb).await);
+    assert!(!submit(&l).await);
+    // A bigger bucket set on the key (its terms, as the gate passes them)
+    // fills at the new rate from what was left.
+    let faster = KeyTerms {
+        rate: SubmitRate::of(Some(1000), None),
+        ..KeyTerms::default()
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    probe(&l, &k, faster).await.unwrap();
+    // No rate on the key: nothing is counted or refused.
+    for _ in 0..5 {
+        probe(&l, &k, KeyTerms::default()).await.unwrap();
+    }
+    assert_clean(&l).await;
+    l.close().await.unwrap();
+    lb.close().await.unwrap();
+}
+
+async fn a_task_is_registered_exactly_when_its_charge_is_committed(fx: &Fx) {
+    let shared = fx.cfg().shared();
+    let k = key("key_00000000000000d1");
+    let l = fx.open_with_account(&k).await;
+    let one = KeyTerms {
+        task_limit: Some(1),
+        ..KeyTerms::default()
+    };
+    // Whether the store has room for another of the key's tasks (a shared
+    // store counts them; the embedded ledger leaves that to its gate).
+    let room = |l: &Ledger| {
+        let (l, k) = (l.clone(), k.clone());
+        async move {
+            match probe(&l, &k, one).await {
+                Ok(()) => true,
+                Err(LedgerError::TaskLimit { .. }) => false,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let state = |l: &Ledger, id: &'static str| {
+        let l = l.clone();
+        async move { l.task(id).await.unwrap().map(|t| t.state) }
+    };
+    // Committed with its task: the charge, the task open, and (shared) the
+    // reservation's place kept by the task.
+    l.reserve_as(&k, one, Points(20), &tid("0ct1"))
+        .await
+        .unwrap();
+    let s = l
+        .commit_task(&tid("0ct1"), Points(12), &task("t-c1", &k, &tid("0ct1")))
+        .await
+        .unwrap();
+    assert!(!s.replay);
+    assert_eq!(s.remaining, Points(988));
+    assert_eq!(state(&l, "t-c1").await, Some(TaskState::Open));
+    assert_eq!(room(&l).await, !shared);
+    assert_clean(&l).await;
+    // A replay answers as the first did and registers nothing more.
+    let again = l
+        .commit_task(&tid("0ct1"), Points(12), &task("t-c1b", &k, &tid("0ct1")))
+        .await
+        .unwrap();
+    assert!(again.replay);
+    assert_eq!(again.remaining, Points(988));
+    assert_eq!(state(&l, "t-c1b").await, None);
+    assert_eq!(room(&l).await, !shared);
+    // The task's end frees the place.
+    assert!(l.end_task("t-c1", TaskState::Success).await.unwrap());
+    assert!(room(&l).await);
+    // A commit the ledger refuses (the reservation was voided meanwhile)
+    // registers nothing.
+    l.reserve_as(&k, one, Points(20), &tid("0ct2"))
+        .await
+        .unwrap();
+    l.void(&tid("0ct2")).await.unwrap();
+    assert!(matches!(
+        l.commit_task(&tid("0ct2"), Points(12), &task("t-c2", &k, &tid("0ct2")))
+            .await,
+        Err(LedgerError::Conflict(_))
+    ));
+    assert_eq!(state(&l, "t-c2").await, None);
+    // A task id already registered (the first write wins) is not counted
+    // twice: the commit still frees the reservation's place.
+    l.reserve_as(&k, one, Points(20), &tid("0ct3"))
+        .await
+        .unwrap();
+    l.commit_task(&tid("0ct3"), Points(12), &task("t-c1", &k, &tid("0ct3")))
+        .await
+        .unwrap();
+    assert_eq!(state(&l, "t-c1").await, Some(TaskState::Success));
+    assert!(room(&l).await);
+    assert_eq!(l.account(&k).await.unwrap().spent, Points(24));
+    assert_clean(&l).await;
+    l.close().await.unwrap();
+}
+
+/// Reserves 5 points on `terms` under a fresh id and voids them at once:
+/// whether the store takes one more reservation for the key now, or why not.
+async fn probe(l: &Ledger, k: &KeyId, terms: KeyTerms<'_>) -> Result<(), LedgerError> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let id = tid(&format!("0probe{}", N.fetch_add(1, Ordering::SeqCst)));
+    l.reserve_as(k, terms, Points(5), &id).await?;
+    l.void(&id).await.map(|_| ())
+}
+
+/// What each PostgreSQL schema migration from version 5 on added, and how to
+/// take it away again (`Fx::downgrade_to`), newest first.
+const PG_UNDO: &[(i32, &str)] = &[
+    (
+        8,
+        "ALTER TABLE accounts DROP COLUMN rate_tokens, DROP COLUMN rate_at",
+    ),
+    (7, "ALTER TABLE accounts DROP COLUMN in_flight"),
+    (
+        6,
+        "DROP TRIGGER keys_changed ON keys; DROP FUNCTION keys_changed_notify()",
+    ),
+    (5, "ALTER TABLE keys DROP COLUMN usable_until_ms"),
+];
 
 async fn pages_through_key_records_in_id_order(fx: &Fx) {
     let l = fx.open(system()).await;

@@ -67,6 +67,28 @@ fn stored_end(state: TaskState) -> &'static str {
         other => other.as_str(),
     }
 }
+/// A task's row in the `tasks` table of either store, made on the caller's
+/// thread (the record serialized once).
+struct TaskRow {
+    task_id: String,
+    key: String,
+    state: &'static str,
+    created_ms: i64,
+    record: String,
+}
+
+impl TaskRow {
+    fn of(rec: &TaskRecord) -> Result<TaskRow, LedgerError> {
+        Ok(TaskRow {
+            task_id: rec.task_id.clone(),
+            key: rec.key.0.clone(),
+            state: rec.state.as_str(),
+            created_ms: rec.created_at.timestamp_millis(),
+            record: serde_json::to_string(rec).map_err(|e| LedgerError::Storage(e.to_string()))?,
+        })
+    }
+}
+
 mod pgbatch;
 mod pgnotify;
 mod postgres;
@@ -362,6 +384,13 @@ pub enum LedgerError {
         /// The key's limit.
         limit: u32,
     },
+    /// The key's submits, on all replicas together, used up its token bucket
+    /// in the shared store.
+    #[error("rate limit reached: at most {rps} submits per second for this key")]
+    RateLimit {
+        /// The key's rate.
+        rps: u32,
+    },
     /// No transfer chain with this id.
     #[error("no ledger transfer {0}")]
     UnknownTransfer(TransferId),
@@ -575,8 +604,9 @@ impl Ledger {
     /// `KeyRefused`): a key disabled or rotated on one replica pays for nothing
     /// more on any other, whatever their caches hold; and only if the key's
     /// tasks in flight on all replicas together are below its limit (else
-    /// `TaskLimit`). The embedded ledger has one writer, whose cache and
-    /// counts are the truth: it leaves both to the gate.
+    /// `TaskLimit`) and its submits on all replicas together are within its
+    /// rate (else `RateLimit`). The embedded ledger has one writer, whose cache
+    /// and counts are the truth: it leaves all three to the gate.
     pub async fn reserve_as(
         &self,
         key: &KeyId,
@@ -614,17 +644,32 @@ impl Ledger {
     /// reservation, durably.
     pub async fn commit(&self, id: &TransferId, points: Points) -> Result<Settled, LedgerError> {
         let how = Settle::Commit(points);
-        dispatch!(self, b => b.settle(id, how, "gate", "").await)
+        dispatch!(self, b => b.settle(id, how, "gate", "", None).await)
+    }
+
+    /// [`Ledger::commit`] of a request that started an upstream task, and the
+    /// task's registration, in one durable write: the task is registered
+    /// exactly when its charge is committed (a replay or a refusal of the
+    /// commit registers nothing), and with a shared store it keeps the
+    /// reservation's place in the key's tasks in flight.
+    pub async fn commit_task(
+        &self,
+        id: &TransferId,
+        points: Points,
+        task: &TaskRecord,
+    ) -> Result<Settled, LedgerError> {
+        let how = Settle::Commit(points);
+        dispatch!(self, b => b.settle(id, how, "gate", "", Some(task)).await)
     }
 
     /// Releases the reservation without charge, durably.
     pub async fn void(&self, id: &TransferId) -> Result<Settled, LedgerError> {
-        dispatch!(self, b => b.settle(id, Settle::Void, "gate", "").await)
+        dispatch!(self, b => b.settle(id, Settle::Void, "gate", "", None).await)
     }
 
     /// Gives a committed charge back, exactly once.
     pub async fn refund(&self, id: &TransferId) -> Result<Settled, LedgerError> {
-        dispatch!(self, b => b.settle(id, Settle::Refund, "gate", "").await)
+        dispatch!(self, b => b.settle(id, Settle::Refund, "gate", "", None).await)
     }
 
     /// Resolves reservations pending longer than `pending_ttl_secs` by the policy.
@@ -778,7 +823,8 @@ impl Ledger {
         }
     }
 
-    /// Registers a task the gate charged (first write wins; a replay is a no-op).
+    /// Registers a task by itself (first write wins; a replay is a no-op). The
+    /// gate registers the tasks it charges with their commit ([`Ledger::commit_task`]).
     pub async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
         dispatch!(self, b => b.put_task(rec).await)
     }
@@ -891,6 +937,28 @@ pub struct KeyTerms<'a> {
     pub secret_hash: Option<&'a str>,
     /// The key's limit on tasks in flight, on all replicas together.
     pub task_limit: Option<u32>,
+    /// The key's submit rate, on all replicas together.
+    pub rate: Option<SubmitRate>,
+}
+
+/// A key's token bucket: `per_sec` submits a second, at most `burst` saved up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmitRate {
+    /// Tokens added per second (the key's `rps`), above zero.
+    pub per_sec: u32,
+    /// The bucket's size (the key's `burst`, or `rps`), at least one.
+    pub burst: u32,
+}
+
+impl SubmitRate {
+    /// The bucket of a key's `rps` and `burst`; `None` when it has no rate.
+    pub fn of(rps: Option<u32>, burst: Option<u32>) -> Option<SubmitRate> {
+        let per_sec = rps.filter(|r| *r > 0)?;
+        Some(SubmitRate {
+            per_sec,
+            burst: burst.unwrap_or(per_sec).max(1),
+        })
+    }
 }
 
 /// What a shared store's key-change listener has seen (`/metrics`), and the

@@ -53,13 +53,6 @@ pub(super) enum Stmt {
     Task,
 }
 
-/// The account a job locks, for the batch's lock statement (every job
-/// changes an account row: a task registration counts a task in flight).
-pub(super) enum Lock {
-    /// The account's key.
-    Account(String),
-}
-
 pub(super) type Params = Vec<Box<dyn ToSql + Sync + Send>>;
 
 /// `params` as tokio-postgres takes them.
@@ -91,7 +84,9 @@ impl From<Batched> for LedgerError {
 struct Job {
     stmt: Stmt,
     params: Params,
-    lock: Lock,
+    /// The key of the account the job changes (every job changes one: a task
+    /// registration counts a task in flight), for the batch's lock statement.
+    account: String,
     reply: oneshot::Sender<Result<Vec<Row>, Batched>>,
 }
 
@@ -118,19 +113,19 @@ impl Batcher {
         &self.commits
     }
 
-    /// Runs one statement in the next batch and returns its rows once the batch
-    /// has committed.
+    /// Runs one statement, which changes the account of key `account`, in the
+    /// next batch and returns its rows once the batch has committed.
     pub(super) async fn run(
         &self,
         stmt: Stmt,
         params: Params,
-        lock: Lock,
+        account: String,
     ) -> Result<Vec<Row>, Batched> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             stmt,
             params,
-            lock,
+            account,
             reply,
         };
         let stopped = || Batched::Failed("the ledger's batcher stopped".into());
@@ -207,12 +202,7 @@ async fn run_batch(pool: &Pool, sql: &Sql, jobs: &[Job]) -> Result<Vec<Vec<Row>>
                 Batched::Alone
             });
     }
-    let keys: Vec<&str> = jobs
-        .iter()
-        .map(|j| match &j.lock {
-            Lock::Account(k) => k.as_str(),
-        })
-        .collect();
+    let keys: Vec<&str> = jobs.iter().map(|j| j.account.as_str()).collect();
     let lock = client
         .prepare_cached(LOCK_ACCOUNTS)
         .await

@@ -15,12 +15,12 @@
 //! A transition that finds nothing to change (the chain id already reserved,
 //! already settled) is then looked up to answer as a replay or a conflict.
 
-use super::pgbatch::{refs, Batched, Batcher, Lock, Params, Stmt, LOCK_ACCOUNTS};
+use super::pgbatch::{refs, Batched, Batcher, Params, Stmt, LOCK_ACCOUNTS};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
     Durability, GroupCommits, IdemBegin, KeyTerms, KeyVersion, KeyWatch, LedgerConfig, LedgerError,
-    PendingPolicy, Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TransferRow,
+    PendingPolicy, Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TaskRow, TransferRow,
     VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
@@ -154,6 +154,11 @@ CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
         in_flight_truth!(),
         ") t WHERE a.key = t.key;"
     ),
+    // v8: each account keeps its key's token bucket for submits (`RESERVE`),
+    // so that a key's rate holds across replicas. NULL: the bucket is full.
+    r#"
+ALTER TABLE accounts ADD COLUMN rate_tokens DOUBLE PRECISION, ADD COLUMN rate_at TIMESTAMPTZ;
+"#,
 ];
 
 /// The accounts whose count of tasks in flight is not what their chains and
@@ -183,7 +188,11 @@ const PERIOD_CASE: &str = "CASE a.period WHEN 'day' THEN $D::bigint WHEN 'week' 
 /// the store under that secret: a key disabled, expired or rotated on another
 /// replica stops paying for requests at once, not at this replica's next poll.
 /// When `$10` is given, the key's tasks in flight across all replicas
-/// (`accounts.in_flight`, read under the row's lock) must be below it.
+/// (`accounts.in_flight`, read under the row's lock) must be below it. When
+/// `$11` (submits per second) and `$12` (the bucket's size) are given, the
+/// key's token bucket (`accounts.rate_tokens` as of `rate_at`) must hold a
+/// token, which the reservation takes; it refills by the database's clock, the
+/// one clock all replicas share.
 const RESERVE: &str = "
 WITH live AS (
     SELECT ($9::text IS NULL OR EXISTS (
@@ -191,21 +200,28 @@ WITH live AS (
             AND (k.usable_until_ms IS NULL OR k.usable_until_ms > $5)
     )) AS ok
 ), old AS (
-    SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, a.in_flight, PERIOD_CASE AS cur
+    SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, a.in_flight, PERIOD_CASE AS cur,
+        a.rate_tokens, a.rate_at, CASE WHEN $11::float8 IS NOT NULL THEN clock_timestamp() END AS rate_now
     FROM accounts a WHERE a.key = $2 FOR UPDATE
 ), eff AS (
     SELECT *, (cur IS NOT NULL AND window_ms < cur) AS do_reset,
-        CASE WHEN cur IS NOT NULL AND window_ms < cur THEN 0 ELSE spent END AS espent
+        CASE WHEN cur IS NOT NULL AND window_ms < cur THEN 0 ELSE spent END AS espent,
+        CASE WHEN $11 IS NOT NULL THEN LEAST($12::float8, COALESCE(rate_tokens
+            + GREATEST(extract(epoch FROM rate_now - rate_at)::float8, 0) * $11, $12))
+        END AS tokens
     FROM old
 ), acc AS (
     UPDATE accounts a SET
         spent = eff.espent,
         window_ms = CASE WHEN eff.do_reset THEN eff.cur ELSE a.window_ms END,
         reserved = a.reserved + $3,
-        in_flight = a.in_flight + 1
+        in_flight = a.in_flight + 1,
+        rate_tokens = eff.tokens - 1,
+        rate_at = eff.rate_now
     FROM eff, live
     WHERE a.key = eff.key AND eff.espent + a.reserved + $3 <= a.budget AND live.ok
         AND ($10::bigint IS NULL OR a.in_flight < $10)
+        AND (eff.tokens IS NULL OR eff.tokens >= 1)
         AND NOT EXISTS (SELECT 1 FROM chains c WHERE c.id = $1)
     RETURNING a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent
 ), ch AS (
@@ -217,7 +233,7 @@ WITH live AS (
         CASE WHEN do_reset THEN window_ms END, CASE WHEN do_reset THEN old_spent END, 'gate', '', $5
     FROM acc
 )
-SELECT e.budget, e.espent, e.reserved, e.in_flight AS busy, a.budget AS nb, a.spent AS ns, a.reserved AS nr,
+SELECT e.budget, e.espent, e.reserved, e.in_flight AS busy, e.tokens, a.budget AS nb, a.spent AS ns, a.reserved AS nr,
     EXISTS (SELECT 1 FROM chains c WHERE c.id = $1) AS taken, (SELECT ok FROM live) AS live
 FROM eff e LEFT JOIN acc a ON true";
 
@@ -242,10 +258,19 @@ WITH t AS (
 )
 SELECT count(*) FROM t";
 
+/// A commit, and with it (when `$9`, a task id, is given) the registration of
+/// the task the charge started, in the same statement: the task is registered
+/// exactly when its charge is committed, and it keeps the reservation's place
+/// in the account's tasks in flight (one update of the account row, not two).
 const COMMIT: &str = "
 WITH ch AS (
     UPDATE chains SET state = 'committed', settled = $2, settled_ms = $3
     WHERE id = $1 AND state = 'pending' RETURNING key, reserved
+), t AS (
+    INSERT INTO tasks (task_id, key, state, created_ms, checked_ms, record)
+    SELECT $9::text, ch.key, $10::text, $11::bigint, $11::bigint, $12::text FROM ch WHERE $9 IS NOT NULL
+    ON CONFLICT (task_id) DO NOTHING
+    RETURNING state
 ), old AS (
     SELECT a.key, a.budget, a.spent, a.reserved, a.window_ms, ch.reserved AS rsv, PERIOD_CASE AS cur
     FROM accounts a JOIN ch ON a.key = ch.key FOR UPDATE OF a
@@ -258,7 +283,7 @@ WITH ch AS (
         spent = eff.espent + $2,
         window_ms = CASE WHEN eff.do_reset THEN eff.cur ELSE a.window_ms END,
         reserved = a.reserved - eff.rsv,
-        in_flight = GREATEST(a.in_flight - 1, 0)
+        in_flight = GREATEST(a.in_flight - 1 + (SELECT count(*) FROM t WHERE t.state = 'open'), 0)
     FROM eff WHERE a.key = eff.key
     RETURNING a.key, a.budget, a.spent, a.reserved, a.window_ms, eff.do_reset, eff.spent AS old_spent,
         GREATEST(0, $2 - GREATEST(0, eff.budget - eff.espent - (eff.reserved - eff.rsv))) AS overage
@@ -413,7 +438,7 @@ fn reserved(
     rows: &[Row],
     key: &KeyId,
     points: Points,
-    task_limit: Option<u32>,
+    terms: KeyTerms<'_>,
 ) -> Result<Option<Reserved>, LedgerError> {
     let row = rows
         .first()
@@ -434,7 +459,14 @@ fn reserved(
             .saturating_add(reserved)
             .saturating_add(to_i64(points.get())?)
             <= budget;
-        if let Some(limit) = task_limit.filter(|l| fits && busy >= i64::from(*l)) {
+        let tokens: Option<f64> = row.try_get("tokens").map_err(pg)?;
+        if let Some(rate) = terms
+            .rate
+            .filter(|_| fits && tokens.is_some_and(|t| t < 1.0))
+        {
+            return Err(LedgerError::RateLimit { rps: rate.per_sec });
+        }
+        if let Some(limit) = terms.task_limit.filter(|l| fits && busy >= i64::from(*l)) {
             return Err(LedgerError::TaskLimit { limit });
         }
         return Err(LedgerError::Insufficient {
@@ -692,6 +724,8 @@ impl PgLedger {
             Box::new(m),
             Box::new(terms.secret_hash.map(str::to_owned)),
             Box::new(terms.task_limit.map(i64::from)),
+            Box::new(terms.rate.map(|r| f64::from(r.per_sec))),
+            Box::new(terms.rate.map(|r| f64::from(r.burst))),
         ])
     }
 
@@ -702,10 +736,12 @@ impl PgLedger {
         how: Settle,
         actor: &str,
         note: &str,
+        task: Option<&TaskRecord>,
     ) -> Result<Params, LedgerError> {
         let now = now_ms(&self.clock);
-        // Every statement takes the id first and the actor and note last; a
-        // commit adds its points, and what moves spend also the period windows.
+        // Every statement takes the id first and the actor and note after the
+        // rest; a commit adds its points (and after the note, the task it
+        // registers), and what moves spend also the period windows.
         let mut params: Params = vec![Box::new(id.as_str().to_owned())];
         if let Settle::Commit(p) = how {
             params.push(Box::new(to_i64(p.get())?));
@@ -717,6 +753,22 @@ impl PgLedger {
         }
         params.push(Box::new(actor.to_owned()));
         params.push(Box::new(note.to_owned()));
+        if let Settle::Commit(_) = how {
+            // The task registered with the commit, if any (`$9`–`$12`).
+            let (task_id, state, created, record) = match task.map(TaskRow::of).transpose()? {
+                Some(r) => (
+                    Some(r.task_id),
+                    Some(r.state),
+                    Some(r.created_ms),
+                    Some(r.record),
+                ),
+                None => (None, None, None, None),
+            };
+            params.push(Box::new(task_id));
+            params.push(Box::new(state));
+            params.push(Box::new(created));
+            params.push(Box::new(record));
+        }
         Ok(params)
     }
 
@@ -848,14 +900,10 @@ impl PgLedger {
         let params = self.reserve_params(key, terms, points, id)?;
         match self
             .batch
-            .run(
-                Stmt::Reserve,
-                params,
-                Lock::Account(key.as_str().to_owned()),
-            )
+            .run(Stmt::Reserve, params, key.as_str().to_owned())
             .await
         {
-            Ok(rows) => match reserved(&rows, key, points, terms.task_limit)? {
+            Ok(rows) => match reserved(&rows, key, points, terms)? {
                 Some(r) => {
                     self.chain_keys
                         .insert(id.as_str().to_owned(), key.as_str().to_owned());
@@ -882,7 +930,7 @@ impl PgLedger {
         let res = client.query(&stmt, &refs(&params)).await;
         drop(client);
         match res {
-            Ok(rows) => match reserved(&rows, key, points, terms.task_limit)? {
+            Ok(rows) => match reserved(&rows, key, points, terms)? {
                 Some(r) => Ok(r),
                 None => self.reserve_replay(key, id).await,
             },
@@ -920,14 +968,15 @@ impl PgLedger {
         how: Settle,
         actor: &str,
         note: &str,
+        task: Option<&TaskRecord>,
     ) -> Result<Settled, LedgerError> {
         let stmt = match how {
             Settle::Commit(_) => Stmt::Commit,
             Settle::Void => Stmt::Void,
             // Refunds come from task checks, one at a time: not grouped.
-            Settle::Refund => return self.settle_alone(id, how, actor, note).await,
+            Settle::Refund => return self.settle_alone(id, how, actor, note, task).await,
         };
-        let params = self.settle_params(id, how, actor, note)?;
+        let params = self.settle_params(id, how, actor, note, task)?;
         // The chain's account: known if this instance reserved it, else read.
         let key = match self.chain_keys.remove(id.as_str()) {
             Some((_, key)) => key,
@@ -940,19 +989,19 @@ impl PgLedger {
                     .map_err(pg)?;
                 match row {
                     Some(row) => row.try_get(0).map_err(pg)?,
-                    None => return self.settle_alone(id, how, actor, note).await,
+                    None => return self.settle_alone(id, how, actor, note, task).await,
                 }
             }
         };
-        match self.batch.run(stmt, params, Lock::Account(key)).await {
+        match self.batch.run(stmt, params, key).await {
             Ok(rows) => match rows.first() {
                 Some(row) => settled(row, id, how),
                 // Not pending (a replay, a conflict) or no such chain: the
                 // one-statement path finds out which.
-                None => self.settle_alone(id, how, actor, note).await,
+                None => self.settle_alone(id, how, actor, note, task).await,
             },
             Err(Batched::Failed(e)) => Err(LedgerError::Storage(e)),
-            Err(Batched::Alone) => self.settle_alone(id, how, actor, note).await,
+            Err(Batched::Alone) => self.settle_alone(id, how, actor, note, task).await,
         }
     }
 
@@ -962,6 +1011,7 @@ impl PgLedger {
         how: Settle,
         actor: &str,
         note: &str,
+        task: Option<&TaskRecord>,
     ) -> Result<Settled, LedgerError> {
         let client = self.client().await?;
         // A chain found still pending after a failed attempt means a concurrent
@@ -972,7 +1022,7 @@ impl PgLedger {
                 Settle::Void => VOID,
                 Settle::Refund => &self.refund_sql,
             };
-            let params = self.settle_params(id, how, actor, note)?;
+            let params = self.settle_params(id, how, actor, note, task)?;
             let stmt = client.prepare_cached(sql).await.map_err(pg)?;
             let rows = client.query(&stmt, &refs(&params)).await.map_err(pg)?;
             if let Some(row) = rows.first() {
@@ -1037,7 +1087,7 @@ impl PgLedger {
             PendingPolicy::Charge => Settle::Commit(Points(reserved)),
             PendingPolicy::Void => Settle::Void,
         };
-        self.settle(id, how, actor, note).await
+        self.settle(id, how, actor, note, None).await
     }
 
     pub(super) async fn expire_pending(&self) -> Result<Vec<Settled>, LedgerError> {
@@ -1484,17 +1534,15 @@ impl PgLedger {
 /// The task registry, in the same database as the ledger so replicas share it.
 impl PgLedger {
     pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
-        let json = serde_json::to_string(rec).map_err(|e| LedgerError::Storage(e.to_string()))?;
-        let created = rec.created_at.timestamp_millis();
+        let row = TaskRow::of(rec)?;
         let params: Params = vec![
-            Box::new(rec.task_id.clone()),
-            Box::new(rec.key.as_str().to_owned()),
-            Box::new(rec.state.as_str()),
-            Box::new(created),
-            Box::new(json.clone()),
+            Box::new(row.task_id.clone()),
+            Box::new(row.key.clone()),
+            Box::new(row.state),
+            Box::new(row.created_ms),
+            Box::new(row.record.clone()),
         ];
-        let lock = Lock::Account(rec.key.as_str().to_owned());
-        match self.batch.run(Stmt::Task, params, lock).await {
+        match self.batch.run(Stmt::Task, params, row.key.clone()).await {
             Ok(_) => Ok(()),
             Err(Batched::Failed(e)) => Err(LedgerError::Storage(e)),
             Err(Batched::Alone) => {
@@ -1503,11 +1551,11 @@ impl PgLedger {
                     .execute(
                         PUT_TASK,
                         &[
-                            &rec.task_id,
-                            &rec.key.as_str(),
-                            &rec.state.as_str(),
-                            &created,
-                            &json,
+                            &row.task_id,
+                            &row.key,
+                            &row.state,
+                            &row.created_ms,
+                            &row.record,
                         ],
                     )
                     .await

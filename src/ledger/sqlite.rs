@@ -20,7 +20,7 @@ use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for, AccountRow,
     AccountState, AccountView, AdminOp, ChainRow, ChainState, Durability, GroupCommits, IdemBegin,
     KeyVersion, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle,
-    SettleKind, Settled, StoredAnswer, TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    SettleKind, Settled, StoredAnswer, TaskRow, TransferRow, VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -219,7 +219,26 @@ struct WriteJob {
     account: (KeyId, AccountState),
     /// Marks `(id, version)` durable in memory after the commit.
     durable: Option<(TransferId, u64)>,
+    /// The task a commit registers with it (`Ledger::commit_task`).
+    task: Option<TaskRow>,
     reply: oneshot::Sender<Result<(), String>>,
+}
+
+impl TaskRow {
+    /// Registers the task in the embedded store (first write wins).
+    fn insert(&self, conn: &Connection) -> rusqlite::Result<usize> {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO tasks (task_id, key, state, created_ms, checked_ms, record) \
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+        )?
+        .execute(params![
+            self.task_id,
+            self.key,
+            self.state,
+            self.created_ms,
+            self.record
+        ])
+    }
 }
 
 enum Job {
@@ -830,6 +849,9 @@ fn apply_write(conn: &Connection, w: &WriteJob) -> rusqlite::Result<()> {
         }
         None => {}
     }
+    if let Some(task) = &w.task {
+        task.insert(conn)?;
+    }
     let t = &w.transfer;
     conn.prepare_cached(
         "INSERT INTO transfers (id, key, kind, points, overage, remaining, period, window_ms, \
@@ -1232,6 +1254,7 @@ impl SqliteLedger {
             chain: None,
             account: (key.clone(), state),
             durable: None,
+            task: None,
             reply,
         })))
     }
@@ -1359,6 +1382,7 @@ impl SqliteLedger {
                     }),
                     account: (key.clone(), next),
                     durable: Some((id.clone(), 1)),
+                    task: None,
                     reply: tx,
                 })))?;
                 Reserved {
@@ -1421,11 +1445,16 @@ impl SqliteLedger {
         how: Settle,
         actor: &str,
         note: &str,
+        task: Option<&TaskRecord>,
     ) -> Result<Settled, LedgerError> {
         self.fail.check()?;
         if let Settle::Commit(p) = how {
             storable(p)?;
         }
+        let task = match how {
+            Settle::Commit(_) => task.map(TaskRow::of).transpose()?,
+            _ => None,
+        };
         if !self.chains.contains_key(id) && !self.load_chain(id)? {
             return Err(LedgerError::UnknownTransfer(id.clone()));
         }
@@ -1549,6 +1578,7 @@ impl SqliteLedger {
                 }),
                 account: (key, next),
                 durable: Some((id.clone(), version)),
+                task,
                 reply: tx,
             })))?;
             settled
@@ -1569,7 +1599,7 @@ impl SqliteLedger {
             PendingPolicy::Charge => Settle::Commit(Points(reserved)),
             PendingPolicy::Void => Settle::Void,
         };
-        self.settle(id, how, actor, note).await
+        self.settle(id, how, actor, note, None).await
     }
 
     pub(super) async fn expire_pending(&self) -> Result<Vec<Settled>, LedgerError> {
@@ -2026,19 +2056,8 @@ impl SqliteLedger {
     }
 
     pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
-        let json = serde_json::to_string(rec).map_err(storage)?;
-        let (id, key) = (rec.task_id.clone(), rec.key.0.clone());
-        let created = rec.created_at.timestamp_millis();
-        let state = rec.state.as_str();
-        self.custom(move |c| {
-            c.prepare_cached(
-                "INSERT OR IGNORE INTO tasks (task_id, key, state, created_ms, checked_ms, record) \
-                 VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-            )?
-            .execute(params![id, key, state, created, json])
-        })
-        .await
-        .map(|_| ())
+        let row = TaskRow::of(rec)?;
+        self.custom(move |c| row.insert(c)).await.map(|_| ())
     }
 
     pub(super) async fn task(&self, id: &str) -> Result<Option<TaskRecord>, LedgerError> {
