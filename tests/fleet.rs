@@ -679,6 +679,16 @@ async fn the_global_task_cap_counts_every_replicas_tasks() {
     assert_eq!(f.submits(), 2);
 }
 
+/// A draw's code, checking that a refusal for the rate says so.
+async fn rate_draw(f: &Fleet, gate: &Running, secret: &str) -> i64 {
+    let v = f.post(gate, "/aiapi/v1/draw", secret, SEED_768).await;
+    if v["code"] == 1005 {
+        let msg = v["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains("rate limit"), "{v}");
+    }
+    v["code"].as_i64().unwrap()
+}
+
 /// A key's submit rate holds for the fleet, not per replica: its token
 /// bucket is kept in the store, so submits spread over replicas draw from
 /// one bucket.
@@ -692,31 +702,40 @@ async fn a_keys_submit_rate_holds_across_replicas() {
         .await;
     f.until_b_knows(&secret).await;
     // Two saved up, taken one on each replica; then neither has one to give.
-    let started = std::time::Instant::now();
-    let mut codes = Vec::new();
-    for gate in [&f.a, &f.b, &f.a, &f.b] {
-        let v = f.post(gate, "/aiapi/v1/draw", &secret, SEED_768).await;
-        if v["code"] == 1005 {
-            let msg = v["msg"].as_str().unwrap_or_default();
-            assert!(msg.contains("rate limit"), "{v}");
-        }
-        codes.push(v["code"].as_i64().unwrap());
-    }
-    assert!(
-        started.elapsed() < std::time::Duration::from_millis(900),
-        "too slow to tell a refill from a leak"
-    );
-    assert_eq!(
-        codes,
-        [0, 0, 1005, 1005],
-        "the fleet let through more than the burst"
-    );
     // A second later there is one more, for whichever replica asks first.
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let v = f.post(&f.b, "/aiapi/v1/draw", &secret, SEED_768).await;
-    assert_eq!(v["code"], 0, "{v}");
-    let v = f.post(&f.a, "/aiapi/v1/draw", &secret, SEED_768).await;
-    assert_eq!(v["code"], 1005, "{v}");
-    assert_eq!(f.submits(), 3);
+    // Telling a refill from a leak needs the draws (all but the deliberate
+    // sleep) to take under 0.9 s together: on a machine too busy for that the
+    // attempt proves nothing, and the next starts from a full bucket.
+    let gap = Duration::from_millis(900);
+    let mut accepted = 0;
+    for attempt in 1.. {
+        let started = std::time::Instant::now();
+        let mut codes = Vec::new();
+        for gate in [&f.a, &f.b, &f.a, &f.b] {
+            codes.push(rate_draw(&f, gate, &secret).await);
+        }
+        let busy = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let resumed = std::time::Instant::now();
+        let refilled = [
+            rate_draw(&f, &f.b, &secret).await,
+            rate_draw(&f, &f.a, &secret).await,
+        ];
+        let busy = busy + resumed.elapsed();
+        accepted += codes.iter().chain(&refilled).filter(|&&c| c == 0).count() as u64;
+        if busy < gap {
+            assert_eq!(
+                codes,
+                [0, 0, 1005, 1005],
+                "the fleet let through more than the burst"
+            );
+            assert_eq!(refilled, [0, 1005], "one more a second");
+            break;
+        }
+        assert!(attempt < 3, "{attempt} attempts took over {gap:?} each");
+        // Two tokens at one a second: full again.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+    }
+    assert_eq!(f.submits(), accepted);
     f.assert_books_clean().await;
 }
