@@ -8,7 +8,7 @@ use crate::clock::{SharedClock, SystemClock};
 use crate::config::Config;
 use crate::gate::{self, Gate, GateInner};
 use crate::keys::KeyCache;
-use crate::ledger::{Durability, Ledger, LedgerError};
+use crate::ledger::{Durability, KeyCursor, Ledger, LedgerError};
 use crate::points::KeyId;
 use crate::upstream::client::Upstream;
 use hyper::server::conn::http1;
@@ -217,9 +217,9 @@ async fn load_keys(ledger: &Ledger, keys: &KeyCache) -> Result<usize, LedgerErro
 /// made on another replica take effect here too: the keys changed since
 /// `cursor` are read whenever the store reports a change (`Ledger::listen_keys`),
 /// and every `ledger.key_poll_secs` in case a report was lost; every key is read
-/// again once a minute, which also catches a change committed out of sequence
-/// order. A task of its own, so that nothing else the gate waits on delays it.
-async fn key_sync(gate: Gate, mut stop: watch::Receiver<bool>, mut cursor: i64) {
+/// again once a minute, which also drops a key deleted behind the gate's back.
+/// A task of its own, so that nothing else the gate waits on delays it.
+async fn key_sync(gate: Gate, mut stop: watch::Receiver<bool>, mut cursor: KeyCursor) {
     let ledger = gate.ledger.clone();
     let listener = AbortOnDrop(tokio::spawn(async move { ledger.listen_keys().await }));
     let watch = gate.ledger.key_watch();
@@ -246,7 +246,7 @@ async fn key_sync(gate: Gate, mut stop: watch::Receiver<bool>, mut cursor: i64) 
             }
             _ = stop.changed() => break,
         }
-        match gate.ledger.keys_since(cursor).await {
+        match gate.ledger.keys_since(&cursor).await {
             Ok((keys, next)) => {
                 cursor = next;
                 gate.keys.put_all(&keys);

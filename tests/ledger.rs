@@ -194,6 +194,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    a_shared_stores_key_poll_sees_every_change_once_committed,
     a_shared_store_counts_each_keys_tasks_in_flight,
     a_shared_store_keeps_each_keys_submit_rate,
     a_task_is_registered_exactly_when_its_charge_is_committed,
@@ -775,6 +776,77 @@ async fn stores_and_finds_key_records(fx: &Fx) {
     assert_eq!(l.keys().await.unwrap().len(), 2);
 }
 
+/// Replicas poll a shared store for changed keys. A change is seen by the
+/// first poll after it commits, whatever order the changes commit in, and
+/// whoever makes it (a `psql` edit too): a key disabled in a transaction that
+/// took its sequence number before a later one committed is not skipped.
+async fn a_shared_stores_key_poll_sees_every_change_once_committed(fx: &Fx) {
+    let Store::Postgres { url, schema } = &fx.store else {
+        return;
+    };
+    let l = fx.open(system()).await;
+    let a = record("key_00000000000000e1", &"e".repeat(64), "a");
+    let b = record("key_00000000000000e2", &"f".repeat(64), "b");
+    l.put_key(&a).await.unwrap();
+    l.put_key(&b).await.unwrap();
+    let seen = |keys: &[(KeyRecord, u64)]| -> Vec<(String, bool)> {
+        let mut v: Vec<_> = keys
+            .iter()
+            .map(|(r, _)| (r.id.as_str().to_string(), r.disabled))
+            .collect();
+        v.sort();
+        v
+    };
+    let start = l.key_cursor().await.unwrap();
+    // A write of `a` takes its sequence number, and holds its transaction
+    // open while a later write of `b` commits.
+    let held = pg_client(url).await;
+    let disabled_a = KeyRecord {
+        disabled: true,
+        ..a.clone()
+    };
+    held.batch_execute(&format!("SET search_path TO {schema}; BEGIN"))
+        .await
+        .unwrap();
+    held.execute(
+        "UPDATE keys SET record = $1, change_seq = nextval('keys_change_seq') WHERE id = $2",
+        &[&serde_json::to_string(&disabled_a).unwrap(), &a.id.as_str()],
+    )
+    .await
+    .unwrap();
+    let renamed_b = KeyRecord {
+        name: "b, renamed".into(),
+        ..b.clone()
+    };
+    l.put_key(&renamed_b).await.unwrap();
+    let (keys, after_b) = l.keys_since(&start).await.unwrap();
+    assert_eq!(seen(&keys), [("key_00000000000000e2".into(), false)]);
+    // Nothing new: nothing read.
+    let (keys, after_b) = l.keys_since(&after_b).await.unwrap();
+    assert_eq!(seen(&keys), []);
+    // `a` commits last, with the earlier number: the next poll has it.
+    held.batch_execute("COMMIT").await.unwrap();
+    let (keys, after_a) = l.keys_since(&after_b).await.unwrap();
+    assert_eq!(
+        seen(&keys),
+        [("key_00000000000000e1".into(), true)],
+        "a change committed out of sequence order was skipped"
+    );
+    let version_a = keys[0].1;
+    // An edit behind the ledger's back, which sets no sequence number, is
+    // read too, with a later version than the one before it.
+    held.execute(
+        "UPDATE keys SET record = $1 WHERE id = $2",
+        &[&serde_json::to_string(&a).unwrap(), &a.id.as_str()],
+    )
+    .await
+    .unwrap();
+    let (keys, _) = l.keys_since(&after_a).await.unwrap();
+    assert_eq!(seen(&keys), [("key_00000000000000e1".into(), false)]);
+    assert!(keys[0].1 > version_a, "{} after {version_a}", keys[0].1);
+    l.close().await.unwrap();
+}
+
 async fn a_shared_store_reserves_only_for_a_usable_key_under_the_secret_presented(fx: &Fx) {
     let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
     let shared = matches!(fx.store, Store::Postgres { .. });
@@ -1144,6 +1216,11 @@ async fn probe(l: &Ledger, k: &KeyId, terms: KeyTerms<'_>) -> Result<(), LedgerE
 /// What each PostgreSQL schema migration from version 5 on added, and how to
 /// take it away again (`Fx::downgrade_to`), newest first.
 const PG_UNDO: &[(i32, &str)] = &[
+    (
+        9,
+        "DROP TRIGGER keys_stamp ON keys; DROP FUNCTION keys_stamp_change(); \
+         ALTER TABLE keys DROP COLUMN change_xid",
+    ),
     (
         8,
         "ALTER TABLE accounts DROP COLUMN rate_tokens, DROP COLUMN rate_at",

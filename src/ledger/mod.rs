@@ -411,6 +411,17 @@ pub enum LedgerError {
 /// reads are version 0). See `KeyCache::put`.
 pub type KeyVersion = (KeyRecord, u64);
 
+/// Where a replica's poll for changed keys ([`Ledger::keys_since`]) stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyCursor {
+    /// The embedded ledger: one process owns the file, so there is nothing to
+    /// poll for.
+    Embedded,
+    /// PostgreSQL: the snapshot of the store's transactions (committed and
+    /// running, in `pg_snapshot` text form) that the last poll read with.
+    Snapshot(String),
+}
+
 /// Outcome of beginning a client-supplied `Idempotency-Key` submit (scoped to the key).
 #[derive(Debug, Clone)]
 pub enum IdemBegin {
@@ -788,19 +799,23 @@ impl Ledger {
         dispatch!(self, b => b.keys_page(after, limit).await)
     }
 
-    /// Keys changed since `cursor` (0 at first) and the cursor to pass next time:
-    /// replicas poll this to pick up changes made on others without reloading
-    /// every key. A change committed out of sequence order can be missed by one
-    /// poll, so callers also reload everything now and then.
-    pub async fn keys_since(&self, cursor: i64) -> Result<(Vec<KeyVersion>, i64), LedgerError> {
+    /// Keys changed since `cursor` (from [`Ledger::key_cursor`] at first) and
+    /// the cursor to pass next time: replicas poll this to pick up changes
+    /// made on others without reloading every key. Every change is read once
+    /// it has committed, whatever order changes commit in; a key deleted
+    /// behind the gate's back is not (the periodic reload drops it).
+    pub async fn keys_since(
+        &self,
+        cursor: &KeyCursor,
+    ) -> Result<(Vec<KeyVersion>, KeyCursor), LedgerError> {
         dispatch!(self, b => b.keys_since(cursor).await)
     }
 
     /// The cursor to poll [`Ledger::keys_since`] from to see only changes made
-    /// from now on (0 for the embedded ledger, which nobody else changes).
-    pub async fn key_cursor(&self) -> Result<i64, LedgerError> {
+    /// from now on.
+    pub async fn key_cursor(&self) -> Result<KeyCursor, LedgerError> {
         match &*self.inner {
-            Backend::Sqlite(_) => Ok(0),
+            Backend::Sqlite(_) => Ok(KeyCursor::Embedded),
             Backend::Postgres(b) => b.key_cursor().await,
         }
     }

@@ -19,9 +19,9 @@ use super::pgbatch::{refs, Batched, Batcher, Params, Stmt, LOCK_ACCOUNTS};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
-    Durability, GroupCommits, IdemBegin, KeyTerms, KeyVersion, KeyWatch, LedgerConfig, LedgerError,
-    PendingPolicy, Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TaskRow, TransferRow,
-    VerifyReport, IDEM_RETENTION_MS,
+    Durability, GroupCommits, IdemBegin, KeyCursor, KeyTerms, KeyVersion, KeyWatch, LedgerConfig,
+    LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TaskRow,
+    TransferRow, VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -158,6 +158,22 @@ CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
     // so that a key's rate holds across replicas. NULL: the bucket is full.
     r#"
 ALTER TABLE accounts ADD COLUMN rate_tokens DOUBLE PRECISION, ADD COLUMN rate_at TIMESTAMPTZ;
+"#,
+    // v9: each key row names the transaction that last wrote it, so that a
+    // replica's poll reads every change once it commits, in whatever order
+    // changes commit (`keys_since`). A trigger stamps every write, a `psql`
+    // edit included, with a new change sequence number and the transaction.
+    r#"
+ALTER TABLE keys ADD COLUMN change_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+CREATE INDEX keys_change_xid ON keys (change_xid);
+CREATE FUNCTION keys_stamp_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.change_seq := nextval('keys_change_seq');
+    NEW.change_xid := pg_current_xact_id();
+    RETURN NEW;
+END $$;
+CREATE TRIGGER keys_stamp BEFORE INSERT OR UPDATE ON keys
+    FOR EACH ROW EXECUTE FUNCTION keys_stamp_change();
 "#,
 ];
 
@@ -1423,7 +1439,7 @@ impl PgLedger {
             .query_one(
                 "INSERT INTO keys (id, secret_hash, record, usable_until_ms) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (id) DO UPDATE SET secret_hash = excluded.secret_hash, record = excluded.record, \
-                 usable_until_ms = excluded.usable_until_ms, change_seq = nextval('keys_change_seq') \
+                 usable_until_ms = excluded.usable_until_ms \
                  RETURNING change_seq",
                 &[&rec.id.as_str(), &rec.secret_hash, &json, &usable_until],
             )
@@ -1463,32 +1479,56 @@ impl PgLedger {
         .await
     }
 
-    /// The change sequence's highest value so far.
-    pub(super) async fn key_cursor(&self) -> Result<i64, LedgerError> {
-        self.number("SELECT COALESCE(max(change_seq), 0) FROM keys")
+    /// Where a poll from now on starts: the store's snapshot of its
+    /// transactions (which have committed, which are still running).
+    pub(super) async fn key_cursor(&self) -> Result<KeyCursor, LedgerError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
             .await
+            .map_err(pg)?;
+        Ok(KeyCursor::Snapshot(row.try_get(0).map_err(pg)?))
     }
 
-    /// Keys changed after `cursor` (a value of the change sequence), and the new
-    /// cursor.
+    /// Keys written by the transactions that `cursor`'s snapshot did not see
+    /// committed and this statement's snapshot does, and that snapshot as the
+    /// next cursor. Each committed write is read by exactly the first poll
+    /// whose snapshot sees it, so a change is never skipped for committing
+    /// after a later-numbered one (a cursor on the change sequence would skip
+    /// it). The index narrows the search to transactions from the old
+    /// snapshot's oldest running one on.
     pub(super) async fn keys_since(
         &self,
-        cursor: i64,
-    ) -> Result<(Vec<KeyVersion>, i64), LedgerError> {
+        cursor: &KeyCursor,
+    ) -> Result<(Vec<KeyVersion>, KeyCursor), LedgerError> {
+        let KeyCursor::Snapshot(since) = cursor else {
+            return Err(LedgerError::Storage(
+                "a key cursor of the embedded ledger was passed to PostgreSQL".into(),
+            ));
+        };
         let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT record, change_seq FROM keys WHERE change_seq > $1 ORDER BY change_seq",
-                &[&cursor],
+        let stmt = client
+            .prepare_cached(
+                "WITH s AS (SELECT $1::text::pg_snapshot AS since, pg_current_snapshot() AS now) \
+                 SELECT s.now::text, k.record, k.change_seq FROM s LEFT JOIN keys k \
+                 ON k.change_xid >= pg_snapshot_xmin(s.since) \
+                 AND NOT pg_visible_in_snapshot(k.change_xid, s.since) \
+                 ORDER BY k.change_seq",
             )
             .await
             .map_err(pg)?;
-        let out = rows
-            .iter()
-            .map(key_version)
-            .collect::<Result<Vec<_>, _>>()?;
-        let next = out.iter().map(|(_, v)| *v as i64).fold(cursor, i64::max);
-        Ok((out, next))
+        let rows = client.query(&stmt, &[since]).await.map_err(pg)?;
+        let mut next = since.clone();
+        let mut out = Vec::new();
+        for row in &rows {
+            next = row.try_get(0).map_err(pg)?;
+            let json: Option<String> = row.try_get(1).map_err(pg)?;
+            if let Some(json) = json {
+                let seq: i64 = row.try_get(2).map_err(pg)?;
+                out.push((super::sqlite::parse_key(&json)?, to_u64(seq)));
+            }
+        }
+        Ok((out, KeyCursor::Snapshot(next)))
     }
 
     pub(super) async fn key_count(&self) -> Result<u64, LedgerError> {

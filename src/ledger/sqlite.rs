@@ -19,8 +19,9 @@ use super::idfilter::IdFilter;
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for, AccountRow,
     AccountState, AccountView, AdminOp, ChainRow, ChainState, Durability, GroupCommits, IdemBegin,
-    KeyVersion, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle,
-    SettleKind, Settled, StoredAnswer, TaskRow, TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    KeyCursor, KeyVersion, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved,
+    Settle, SettleKind, Settled, StoredAnswer, TaskRow, TransferRow, VerifyReport,
+    IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -2049,10 +2050,10 @@ impl SqliteLedger {
     /// returns all keys (the gate does not poll an embedded ledger).
     pub(super) async fn keys_since(
         &self,
-        cursor: i64,
-    ) -> Result<(Vec<KeyVersion>, i64), LedgerError> {
+        cursor: &KeyCursor,
+    ) -> Result<(Vec<KeyVersion>, KeyCursor), LedgerError> {
         let all = self.keys().await?.into_iter().map(|k| (k, 0)).collect();
-        Ok((all, cursor))
+        Ok((all, cursor.clone()))
     }
 
     pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
