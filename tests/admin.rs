@@ -220,15 +220,7 @@ async fn metrics_count_requests_by_endpoint_and_decision() {
     let (_, secret) = env.key(json!({"name": "a", "budget": 15})).await;
     env.post("/aiapi/v1/draw", &secret, SEED_768).await;
     env.post("/aiapi/v1/draw", &secret, SEED_768).await;
-    let text = env
-        .http
-        .get(env.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&env).await;
     assert!(
         text.contains("gate_requests_total{endpoint=\"draw\",decision=\"admitted\"} 1"),
         "{text}"
@@ -547,14 +539,7 @@ async fn refuses_a_bad_page_request_naming_the_parameter() {
 }
 
 async fn metrics_text(env: &Env) -> String {
-    env.http
-        .get(env.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    metrics_of(&env.http, env.gate()).await
 }
 
 #[tokio::test]

@@ -577,16 +577,7 @@ async fn key_changes_are_pushed_to_other_replicas_also_after_a_lost_connection()
         "C's listener did not reconnect"
     );
     // `/metrics` shows the listener.
-    let m = f
-        .http
-        .get(format!("http://{}/metrics", c.admin_addr))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_of(&f.http, &c).await;
     assert!(m.contains("gate_key_push_connected 1"), "{m}");
     c.shutdown().await;
 }

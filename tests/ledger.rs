@@ -87,6 +87,17 @@ impl Fx {
         }
     }
 
+    /// A second replica (instance `test-b`) on a shared store; the embedded
+    /// ledger has one process, so its "other replica" is `l` itself.
+    async fn replica_b(&self, l: &Ledger) -> Ledger {
+        if !self.cfg().shared() {
+            return l.clone();
+        }
+        let mut b = self.cfg();
+        b.instance = Some("test-b".into());
+        self.open_with(b, system()).await
+    }
+
     /// A ledger on the store, with an account of 1,000 points for `k`.
     async fn open_with_account(&self, k: &KeyId) -> Ledger {
         let l = self.open(system()).await;
@@ -969,14 +980,7 @@ async fn a_shared_store_counts_each_keys_tasks_in_flight(fx: &Fx) {
         .unwrap();
     third(&l, 2).await;
     // Another replica on the same store counts the same.
-    // (The embedded ledger has one process: its "other replica" is itself.)
-    let lb = if shared {
-        let mut b = fx.cfg();
-        b.instance = Some("test-b".into());
-        fx.open_with(b, system()).await
-    } else {
-        l.clone()
-    };
+    let lb = fx.replica_b(&l).await;
     third(&lb, 2).await;
     // A void frees a place.
     l.void(&tid("0tl1")).await.unwrap();
@@ -1063,13 +1067,7 @@ async fn a_shared_store_keeps_each_keys_submit_rate(fx: &Fx) {
             }
         }
     };
-    let lb = if shared {
-        let mut b = fx.cfg();
-        b.instance = Some("test-b".into());
-        fx.open_with(b, system()).await
-    } else {
-        l.clone()
-    };
+    let lb = fx.replica_b(&l).await;
     // The embedded ledger leaves the rate to its gate's memory.
     if !shared {
         for _ in 0..10 {

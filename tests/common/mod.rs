@@ -140,6 +140,17 @@ impl Env {
 
 pub const SEED_768: &str = r#"{"prompt":"one boy","modelStyleId":1,"width":768,"height":1024}"#;
 
+/// The text of a gate's `/metrics` (on its admin listener).
+pub async fn metrics_of(http: &reqwest::Client, gate: &Running) -> String {
+    http.get(format!("http://{}/metrics", gate.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn draw_body(prompt: &str) -> String {
     json!({"prompt": prompt, "modelStyleId": 1, "width": 768, "height": 1024}).to_string()
 }
