@@ -423,6 +423,20 @@ impl KeyCache {
         }
     }
 
+    /// Drops keys whose rows were deleted from the store, each at the version
+    /// of its deletion; a copy written later than that (a key made again
+    /// under the same id) stays.
+    pub fn forget_all(&self, gone: &[(KeyId, u64)]) {
+        let mut index = self.write();
+        for (id, version) in gone {
+            if let Some(at) = index.position_of_id(id.as_str()) {
+                if index.entries[at].version < *version {
+                    index.remove(at);
+                }
+            }
+        }
+    }
+
     /// Starts replacing the whole index (a periodic reload from a shared store,
     /// or the load at start): put every key of the store into the returned
     /// [`Reload`], then [`Reload::finish`] drops the keys it did not see. Keys
@@ -564,6 +578,26 @@ mod tests {
         assert_eq!(reload(&c, &[rec("k1", "czg_a")]), 1);
         assert!(c.lookup("czg_b").is_some());
         assert!(c.lookup("czg_a").is_none());
+    }
+
+    #[test]
+    fn a_deleted_key_is_dropped_unless_held_at_a_later_version() {
+        let c = KeyCache::default();
+        c.put(&rec("k1", "czg_a"), 5);
+        c.put(&rec("k2", "czg_b"), 5);
+        c.put(&rec("k3", "czg_c"), 5);
+        // k1 made again (version 9) after a deletion at 7: it stays. k2,
+        // deleted at 6, goes; the entry moved into its place still matches.
+        c.put(&rec("k1", "czg_d"), 9);
+        c.forget_all(&[
+            (KeyId("k1".into()), 7),
+            (KeyId("k2".into()), 6),
+            (KeyId("nobody".into()), 8),
+        ]);
+        assert_eq!(c.lookup("czg_d").unwrap().id.as_str(), "k1");
+        assert!(c.lookup("czg_b").is_none());
+        assert_eq!(c.lookup("czg_c").unwrap().id.as_str(), "k3");
+        assert_eq!(c.len(), 2);
     }
 
     #[test]

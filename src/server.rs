@@ -216,8 +216,10 @@ async fn load_keys(ledger: &Ledger, keys: &KeyCache) -> Result<usize, LedgerErro
 /// With a shared store, keeps the key cache in step with it, so that changes
 /// made on another replica take effect here too: the keys changed since
 /// `cursor` are read whenever the store reports a change (`Ledger::listen_keys`),
-/// and every `ledger.key_poll_secs` in case a report was lost; every key is read
-/// again once a minute, which also drops a key deleted behind the gate's back.
+/// and every `ledger.key_poll_secs` in case a report was lost; a key whose row
+/// was deleted behind the gate's back is dropped by the same poll. Every key is
+/// read again once a minute, in case a poll failed for longer than the store
+/// keeps the deletions (an hour).
 /// A task of its own, so that nothing else the gate waits on delays it.
 async fn key_sync(gate: Gate, mut stop: watch::Receiver<bool>, mut cursor: KeyCursor) {
     let ledger = gate.ledger.clone();
@@ -247,9 +249,10 @@ async fn key_sync(gate: Gate, mut stop: watch::Receiver<bool>, mut cursor: KeyCu
             _ = stop.changed() => break,
         }
         match gate.ledger.keys_since(&cursor).await {
-            Ok((keys, next)) => {
-                cursor = next;
-                gate.keys.put_all(&keys);
+            Ok(changes) => {
+                cursor = changes.next;
+                gate.keys.forget_all(&changes.gone);
+                gate.keys.put_all(&changes.keys);
             }
             Err(e) => tracing::debug!(error = %e, "reading changed keys failed"),
         }

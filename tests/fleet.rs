@@ -582,6 +582,47 @@ async fn key_changes_are_pushed_to_other_replicas_also_after_a_lost_connection()
     c.shutdown().await;
 }
 
+/// A key row deleted in the store behind the gates' back (by hand, from a
+/// session whose search path does not hold the gate's schema) leaves every
+/// replica's cache when the store reports the change: here the replicas poll
+/// once an hour, and the minute's full reload is a minute away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_row_deleted_in_the_store_leaves_every_replicas_cache_at_once() {
+    let hourly = |c: &mut chuzhan_gate::config::Config| c.ledger.key_poll_secs = 3600;
+    let Some(f) = fleet_with(SimConfig::default(), &hourly).await else {
+        return;
+    };
+    let (id, secret) = f.create_key(json!({"name": "doomed", "budget": 100})).await;
+    let (_, kept) = f.create_key(json!({"name": "kept", "budget": 100})).await;
+    for s in [&secret, &kept] {
+        f.until_b_knows(s).await;
+        assert_eq!(f.code_on(&f.a, s).await, 0);
+    }
+    let (db, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let gone = db
+        .execute(
+            &format!("DELETE FROM {}.keys WHERE id = $1", f.schema),
+            &[&id],
+        )
+        .await
+        .expect("a key row deleted by hand");
+    assert_eq!(gone, 1);
+    let held = |r: &Running| r.gate.keys.lookup(&secret).is_some();
+    assert!(
+        within_3s(|| !held(&f.a) && !held(&f.b)).await,
+        "a deleted key stayed in a cache (A: {}, B: {})",
+        held(&f.a),
+        held(&f.b)
+    );
+    for r in [&f.a, &f.b] {
+        assert_eq!(f.code_on(r, &secret).await, 1001);
+        assert_eq!(f.code_on(r, &kept).await, 0, "another key was dropped too");
+    }
+}
+
 /// A key's limit on tasks in flight holds for the fleet, not per replica: a
 /// task running through A counts on B too, and its end, seen by whichever
 /// replica, frees the slot on every replica.

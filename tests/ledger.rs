@@ -830,31 +830,64 @@ async fn a_shared_stores_key_poll_sees_every_change_once_committed(fx: &Fx) {
         ..b.clone()
     };
     l.put_key(&renamed_b).await.unwrap();
-    let (keys, after_b) = l.keys_since(&start).await.unwrap();
-    assert_eq!(seen(&keys), [("key_00000000000000e2".into(), false)]);
+    let poll = |c| l.keys_since(c);
+    let ch = poll(&start).await.unwrap();
+    assert_eq!(seen(&ch.keys), [("key_00000000000000e2".into(), false)]);
     // Nothing new: nothing read.
-    let (keys, after_b) = l.keys_since(&after_b).await.unwrap();
-    assert_eq!(seen(&keys), []);
+    let ch = poll(&ch.next).await.unwrap();
+    assert_eq!(seen(&ch.keys), []);
+    assert!(ch.gone.is_empty());
     // `a` commits last, with the earlier number: the next poll has it.
     held.batch_execute("COMMIT").await.unwrap();
-    let (keys, after_a) = l.keys_since(&after_b).await.unwrap();
+    let ch = poll(&ch.next).await.unwrap();
     assert_eq!(
-        seen(&keys),
+        seen(&ch.keys),
         [("key_00000000000000e1".into(), true)],
         "a change committed out of sequence order was skipped"
     );
-    let version_a = keys[0].1;
-    // An edit behind the ledger's back, which sets no sequence number, is
-    // read too, with a later version than the one before it.
-    held.execute(
-        "UPDATE keys SET record = $1 WHERE id = $2",
-        &[&serde_json::to_string(&a).unwrap(), &a.id.as_str()],
-    )
-    .await
-    .unwrap();
-    let (keys, _) = l.keys_since(&after_a).await.unwrap();
-    assert_eq!(seen(&keys), [("key_00000000000000e1".into(), false)]);
-    assert!(keys[0].1 > version_a, "{} after {version_a}", keys[0].1);
+    let version_a = ch.keys[0].1;
+    // An edit behind the ledger's back, which sets no sequence number, made
+    // from a session whose search path does not hold the gate's schema, is
+    // stamped and read too, with a later version than the one before it.
+    let outside = pg_client(url).await;
+    outside
+        .execute(
+            &format!("UPDATE {schema}.keys SET record = $1 WHERE id = $2"),
+            &[&serde_json::to_string(&a).unwrap(), &a.id.as_str()],
+        )
+        .await
+        .expect("an edit from outside the gate's schema");
+    let ch = poll(&ch.next).await.unwrap();
+    assert_eq!(seen(&ch.keys), [("key_00000000000000e1".into(), false)]);
+    let version_a2 = ch.keys[0].1;
+    assert!(version_a2 > version_a, "{version_a2} after {version_a}");
+    // A row deleted behind the gate's back is read as gone, at a version
+    // after the last write of it; deleted and made again, it is read as both,
+    // the new row at the later version.
+    outside
+        .batch_execute(&format!(
+            "DELETE FROM {schema}.keys WHERE id = '{}'",
+            a.id.as_str()
+        ))
+        .await
+        .expect("a delete from outside the gate's schema");
+    let ch = poll(&ch.next).await.unwrap();
+    assert!(ch.keys.is_empty(), "{:?}", seen(&ch.keys));
+    assert_eq!(ch.gone.len(), 1, "{:?}", ch.gone);
+    assert_eq!(ch.gone[0].0, a.id);
+    assert!(ch.gone[0].1 > version_a2);
+    let deleted_at = ch.gone[0].1;
+    let ch = poll(&ch.next).await.unwrap();
+    assert!(ch.gone.is_empty() && ch.keys.is_empty());
+    held.batch_execute(&format!("DELETE FROM keys WHERE id = '{}'", b.id.as_str()))
+        .await
+        .unwrap();
+    l.put_key(&b).await.unwrap();
+    let ch = poll(&ch.next).await.unwrap();
+    assert_eq!(seen(&ch.keys), [("key_00000000000000e2".into(), false)]);
+    assert_eq!(ch.gone.len(), 1);
+    assert_eq!(ch.gone[0].0, b.id);
+    assert!(deleted_at < ch.gone[0].1 && ch.gone[0].1 < ch.keys[0].1);
     l.close().await.unwrap();
 }
 
@@ -1214,6 +1247,14 @@ async fn probe(l: &Ledger, k: &KeyId, terms: KeyTerms<'_>) -> Result<(), LedgerE
 /// What each PostgreSQL schema migration from version 5 on added, and how to
 /// take it away again (`Fx::downgrade_to`), newest first.
 const PG_UNDO: &[(i32, &str)] = &[
+    (
+        10,
+        "DROP TRIGGER keys_note_gone ON keys; DROP FUNCTION keys_note_gone(); \
+         DROP TABLE keys_gone; \
+         CREATE OR REPLACE FUNCTION keys_stamp_change() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN NEW.change_seq := nextval('keys_change_seq'); \
+         NEW.change_xid := pg_current_xact_id(); RETURN NEW; END $$",
+    ),
     (
         9,
         "DROP TRIGGER keys_stamp ON keys; DROP FUNCTION keys_stamp_change(); \

@@ -422,6 +422,18 @@ pub enum KeyCursor {
     Snapshot(String),
 }
 
+/// What a replica's poll ([`Ledger::keys_since`]) read.
+#[derive(Debug, Clone)]
+pub struct KeyChanges {
+    /// Keys written, each with its version.
+    pub keys: Vec<KeyVersion>,
+    /// Keys whose rows were deleted behind the gate's back, each with the
+    /// version of its deletion: a copy held at an earlier version is gone.
+    pub gone: Vec<(KeyId, u64)>,
+    /// Where the next poll starts.
+    pub next: KeyCursor,
+}
+
 /// Outcome of beginning a client-supplied `Idempotency-Key` submit (scoped to the key).
 #[derive(Debug, Clone)]
 pub enum IdemBegin {
@@ -802,12 +814,9 @@ impl Ledger {
     /// Keys changed since `cursor` (from [`Ledger::key_cursor`] at first) and
     /// the cursor to pass next time: replicas poll this to pick up changes
     /// made on others without reloading every key. Every change is read once
-    /// it has committed, whatever order changes commit in; a key deleted
-    /// behind the gate's back is not (the periodic reload drops it).
-    pub async fn keys_since(
-        &self,
-        cursor: &KeyCursor,
-    ) -> Result<(Vec<KeyVersion>, KeyCursor), LedgerError> {
+    /// it has committed, whatever order changes commit in, and so is the
+    /// deletion of a key's row behind the gate's back (for an hour).
+    pub async fn keys_since(&self, cursor: &KeyCursor) -> Result<KeyChanges, LedgerError> {
         dispatch!(self, b => b.keys_since(cursor).await)
     }
 

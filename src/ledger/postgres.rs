@@ -19,9 +19,9 @@ use super::pgbatch::{refs, Batched, Batcher, Params, Stmt, LOCK_ACCOUNTS};
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for,
     window_start_ms, AccountRow, AccountState, AccountView, AdminOp, ChainRow, ChainState,
-    Durability, GroupCommits, IdemBegin, KeyCursor, KeyTerms, KeyVersion, KeyWatch, LedgerConfig,
-    LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle, Settled, StoredAnswer, TaskRow,
-    TransferRow, VerifyReport, IDEM_RETENTION_MS,
+    Durability, GroupCommits, IdemBegin, KeyChanges, KeyCursor, KeyTerms, KeyVersion, KeyWatch,
+    LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved, Settle, Settled,
+    StoredAnswer, TaskRow, TransferRow, VerifyReport, IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
 use crate::keys::KeyRecord;
@@ -174,6 +174,39 @@ BEGIN
 END $$;
 CREATE TRIGGER keys_stamp BEFORE INSERT OR UPDATE ON keys
     FOR EACH ROW EXECUTE FUNCTION keys_stamp_change();
+"#,
+    // v10: a key row deleted behind the gate's back (the gate itself only
+    // disables keys) leaves a tombstone, stamped as a write is, so that the
+    // replicas' poll drops it from their caches at the next poll instead of
+    // at the minute's reload. A delete prunes the tombstones older than an
+    // hour (a replica that has not polled for that long reloads every key).
+    // The triggers reach their schema's objects through the table's own
+    // schema: v9's function named the sequence bare, so an edit made from a
+    // session whose search path did not hold the gate's schema failed.
+    r#"
+CREATE OR REPLACE FUNCTION keys_stamp_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.change_seq := nextval(format('%I.keys_change_seq', TG_TABLE_SCHEMA)::regclass);
+    NEW.change_xid := pg_current_xact_id();
+    RETURN NEW;
+END $$;
+CREATE TABLE keys_gone (
+    id TEXT NOT NULL,
+    change_seq BIGINT NOT NULL,
+    change_xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    gone_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE FUNCTION keys_note_gone() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('DELETE FROM %I.keys_gone WHERE gone_at < now() - interval ''1 hour''',
+                   TG_TABLE_SCHEMA);
+    EXECUTE format('INSERT INTO %I.keys_gone (id, change_seq) VALUES ($1, nextval(%L::regclass))',
+                   TG_TABLE_SCHEMA, format('%I.keys_change_seq', TG_TABLE_SCHEMA))
+        USING OLD.id;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER keys_note_gone AFTER DELETE ON keys
+    FOR EACH ROW EXECUTE FUNCTION keys_note_gone();
 "#,
 ];
 
@@ -1490,17 +1523,14 @@ impl PgLedger {
         Ok(KeyCursor::Snapshot(row.try_get(0).map_err(pg)?))
     }
 
-    /// Keys written by the transactions that `cursor`'s snapshot did not see
-    /// committed and this statement's snapshot does, and that snapshot as the
-    /// next cursor. Each committed write is read by exactly the first poll
-    /// whose snapshot sees it, so a change is never skipped for committing
-    /// after a later-numbered one (a cursor on the change sequence would skip
-    /// it). The index narrows the search to transactions from the old
-    /// snapshot's oldest running one on.
-    pub(super) async fn keys_since(
-        &self,
-        cursor: &KeyCursor,
-    ) -> Result<(Vec<KeyVersion>, KeyCursor), LedgerError> {
+    /// Keys written (and key rows deleted, `keys_gone`) by the transactions
+    /// that `cursor`'s snapshot did not see committed and this statement's
+    /// snapshot does, and that snapshot as the next cursor. Each committed
+    /// write is read by exactly the first poll whose snapshot sees it, so a
+    /// change is never skipped for committing after a later-numbered one (a
+    /// cursor on the change sequence would skip it). The index narrows the
+    /// search to transactions from the old snapshot's oldest running one on.
+    pub(super) async fn keys_since(&self, cursor: &KeyCursor) -> Result<KeyChanges, LedgerError> {
         let KeyCursor::Snapshot(since) = cursor else {
             return Err(LedgerError::Storage(
                 "a key cursor of the embedded ledger was passed to PostgreSQL".into(),
@@ -1510,25 +1540,35 @@ impl PgLedger {
         let stmt = client
             .prepare_cached(
                 "WITH s AS (SELECT $1::text::pg_snapshot AS since, pg_current_snapshot() AS now) \
-                 SELECT s.now::text, k.record, k.change_seq FROM s LEFT JOIN keys k \
+                 SELECT s.now::text, k.record, k.change_seq, NULL::text FROM s LEFT JOIN keys k \
                  ON k.change_xid >= pg_snapshot_xmin(s.since) \
                  AND NOT pg_visible_in_snapshot(k.change_xid, s.since) \
-                 ORDER BY k.change_seq",
+                 UNION ALL \
+                 SELECT s.now::text, NULL, g.change_seq, g.id FROM s JOIN keys_gone g \
+                 ON g.change_xid >= pg_snapshot_xmin(s.since) \
+                 AND NOT pg_visible_in_snapshot(g.change_xid, s.since)",
             )
             .await
             .map_err(pg)?;
         let rows = client.query(&stmt, &[since]).await.map_err(pg)?;
         let mut next = since.clone();
-        let mut out = Vec::new();
+        let (mut keys, mut gone) = (Vec::new(), Vec::new());
         for row in &rows {
             next = row.try_get(0).map_err(pg)?;
             let json: Option<String> = row.try_get(1).map_err(pg)?;
+            let deleted: Option<String> = row.try_get(3).map_err(pg)?;
+            let seq = || -> Result<u64, LedgerError> { Ok(to_u64(row.try_get(2).map_err(pg)?)) };
             if let Some(json) = json {
-                let seq: i64 = row.try_get(2).map_err(pg)?;
-                out.push((super::sqlite::parse_key(&json)?, to_u64(seq)));
+                keys.push((super::sqlite::parse_key(&json)?, seq()?));
+            } else if let Some(id) = deleted {
+                gone.push((KeyId(id), seq()?));
             }
         }
-        Ok((out, KeyCursor::Snapshot(next)))
+        Ok(KeyChanges {
+            keys,
+            gone,
+            next: KeyCursor::Snapshot(next),
+        })
     }
 
     pub(super) async fn key_count(&self) -> Result<u64, LedgerError> {

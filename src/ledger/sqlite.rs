@@ -19,8 +19,8 @@ use super::idfilter::IdFilter;
 use super::{
     now_ms, policy_note, replay_verify, settle_refusal, to_i64, to_u64, window_for, AccountRow,
     AccountState, AccountView, AdminOp, ChainRow, ChainState, Durability, GroupCommits, IdemBegin,
-    KeyCursor, KeyVersion, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal, Reserved,
-    Settle, SettleKind, Settled, StoredAnswer, TaskRow, TransferRow, VerifyReport,
+    KeyChanges, KeyCursor, KeyVersion, LedgerConfig, LedgerError, PendingPolicy, Period, Refusal,
+    Reserved, Settle, SettleKind, Settled, StoredAnswer, TaskRow, TransferRow, VerifyReport,
     IDEM_RETENTION_MS,
 };
 use crate::clock::SharedClock;
@@ -2048,12 +2048,13 @@ pub(super) fn idem_outcome(
 impl SqliteLedger {
     /// One process owns the file, so nothing changes behind its back: every call
     /// returns all keys (the gate does not poll an embedded ledger).
-    pub(super) async fn keys_since(
-        &self,
-        cursor: &KeyCursor,
-    ) -> Result<(Vec<KeyVersion>, KeyCursor), LedgerError> {
-        let all = self.keys().await?.into_iter().map(|k| (k, 0)).collect();
-        Ok((all, cursor.clone()))
+    pub(super) async fn keys_since(&self, cursor: &KeyCursor) -> Result<KeyChanges, LedgerError> {
+        let keys = self.keys().await?.into_iter().map(|k| (k, 0)).collect();
+        Ok(KeyChanges {
+            keys,
+            gone: Vec::new(),
+            next: cursor.clone(),
+        })
     }
 
     pub(super) async fn put_task(&self, rec: &TaskRecord) -> Result<(), LedgerError> {
