@@ -67,6 +67,10 @@ pub enum LimitError {
 
 /// The limiters of one gate.
 pub struct Limits {
+    /// Whether this gate counts each key's tasks in flight (the embedded
+    /// ledger). With a shared store the reservation counts them for the
+    /// fleet, and only the global count is kept here.
+    per_key: bool,
     buckets: DashMap<KeyId, Bucket>,
     in_flight: DashMap<KeyId, u32>,
     total: std::sync::atomic::AtomicU32,
@@ -75,7 +79,16 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        Limits::new(true)
+    }
+}
+
+impl Limits {
+    /// Limiters that count each key's tasks in flight here (`per_key`), or
+    /// only the global count (a shared store counts the keys').
+    pub fn new(per_key: bool) -> Limits {
         Limits {
+            per_key,
             buckets: DashMap::new(),
             in_flight: DashMap::new(),
             total: Default::default(),
@@ -154,6 +167,12 @@ impl Limits {
         } else {
             self.total.fetch_add(1, Ordering::SeqCst);
         }
+        if !self.per_key {
+            return Ok(Slot {
+                key: key.clone(),
+                counted: true,
+            });
+        }
         let mut n = self.in_flight.entry(key.clone()).or_insert(0);
         if let Some(l) = limit {
             if *n >= l {
@@ -180,19 +199,26 @@ impl Limits {
     /// A task of `key` ended (or the slot was not used).
     pub fn release(&self, key: &KeyId) {
         use std::sync::atomic::Ordering;
-        if let Some(mut n) = self.in_flight.get_mut(key) {
-            if *n > 0 {
-                *n -= 1;
-                let _ = self
-                    .total
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| t.checked_sub(1));
-            }
+        let counted = !self.per_key
+            || self.in_flight.get_mut(key).is_some_and(|mut n| {
+                let had = *n > 0;
+                *n = n.saturating_sub(1);
+                had
+            });
+        if counted {
+            let _ = self
+                .total
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| t.checked_sub(1));
         }
     }
 
     /// Set a key's count of tasks in flight (at start, from the task registry).
     pub fn restore(&self, key: &KeyId, n: u32) {
         use std::sync::atomic::Ordering;
+        if !self.per_key {
+            self.total.fetch_add(n, Ordering::SeqCst);
+            return;
+        }
         let prev = self.in_flight.insert(key.clone(), n).unwrap_or(0);
         self.total.fetch_add(n, Ordering::SeqCst);
         self.total.fetch_sub(
@@ -283,6 +309,27 @@ mod tests {
         l.keep(c);
         l.release(&k("a"));
         assert_eq!(l.in_flight(&k("a")), 1);
+    }
+
+    #[test]
+    fn with_a_shared_store_only_the_global_count_is_kept() {
+        let l = Limits::new(false);
+        let a = l.acquire(&k("a"), Some(1), Some(2)).unwrap();
+        l.keep(a);
+        // The key's limit is the store's to check; the global cap holds here.
+        let b = l.acquire(&k("a"), Some(1), Some(2)).unwrap();
+        assert_eq!(
+            l.acquire(&k("b"), None, Some(2)).unwrap_err(),
+            LimitError::Global
+        );
+        assert_eq!((l.in_flight(&k("a")), l.total()), (0, 2));
+        l.cancel(b);
+        l.release(&k("a"));
+        assert_eq!(l.total(), 0);
+        l.release(&k("a"));
+        assert_eq!(l.total(), 0, "a release too many went below zero");
+        l.restore(&k("c"), 3);
+        assert_eq!((l.in_flight(&k("c")), l.total()), (0, 3));
     }
 
     #[test]

@@ -143,7 +143,8 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
         clock,
         metrics: Default::default(),
         tasks: Default::default(),
-        limits: Default::default(),
+        // With a shared store a key's tasks in flight are counted in the store.
+        limits: crate::limits::Limits::new(!shared_store),
         workflows: Default::default(),
         callback_client,
     });
