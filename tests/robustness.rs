@@ -1,5 +1,6 @@
 //! Robustness: the gate under upstream faults, crashes (real signals on the real
-//! binary), hostile or broken clients, and a hunt for leaked secrets.
+//! binary), a ledger disk that fills up (a real, small tmpfs), hostile or broken
+//! clients, and a hunt for leaked secrets.
 //!
 //! What tests/gate.rs already covers (HTTP 500, reset mid-answer, invalid JSON,
 //! refused connection, the `void` unknown-outcome policy, in-process drain) is not
@@ -14,6 +15,7 @@
 
 mod common;
 
+use chuzhan_gate::config::Config;
 use chuzhan_gate::keys::hash_secret;
 use chuzhan_gate::upstream::sim::{Fault, SimConfig, SimHandle};
 use common::*;
@@ -679,6 +681,275 @@ async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
     assert_eq!(
         recovered, 0,
         "a drained request must not need crash recovery"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2b. The ledger's disk fills up: a real file system that runs out of space
+// ---------------------------------------------------------------------------
+
+/// A small tmpfs mounted at a fresh directory and unmounted when dropped: a
+/// real file system that runs out of space. Mounting needs root, as CI runs;
+/// elsewhere the test says it did not run. As root, a mount that fails is a
+/// failure, not a skip.
+struct SmallDisk {
+    mnt: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let uid = Command::new("id").arg("-u").output().expect("id -u");
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            eprintln!("NOT run: mounting a small tmpfs needs root (CI runs as root)");
+            return None;
+        }
+        let mnt = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(mnt.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a {size} tmpfs as root failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(SmallDisk { mnt })
+    }
+
+    fn path(&self) -> &Path {
+        self.mnt.path()
+    }
+
+    /// Makes the file system `size` large (the volume grown by its operator).
+    fn grow(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.mnt.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "growing the tmpfs to {size} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Writes a file of zeros until the file system has no space left.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        loop {
+            match f.write_all(&block) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => panic!("filling the disk: {e}"),
+            }
+        }
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.mnt.path())
+            .status();
+    }
+}
+
+/// A gate whose ledger (only: the audit log stays on the big disk) is on
+/// `disk`, a key with a large budget, and the gate's config for a restart.
+async fn gate_on_disk(disk: &SmallDisk, sim_cfg: SimConfig) -> (Env, Config, String, String) {
+    let token = sim_cfg.token.clone();
+    let sim = common::start_sim(sim_cfg).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = gate_config(state.path(), &sim.url(), &token);
+    cfg.ledger.path = Some(disk.path().join("ledger.db"));
+    let gate = chuzhan_gate::server::start(cfg.clone()).await.unwrap();
+    let env = Env {
+        sim,
+        gate: Some(gate),
+        dir: state,
+        http: reqwest::Client::new(),
+    };
+    let (id, secret) = env.key(json!({"name": "full", "budget": 1_000_000})).await;
+    (env, cfg, id, secret)
+}
+
+fn submits(env: &Env) -> u64 {
+    env.sim.stats().submits.values().sum()
+}
+
+/// A refusal for want of a ledger write, in the upstream's envelope (HTTP
+/// 200, as the upstream answers its own errors, with its internal-error code).
+fn is_ledger_refusal(status: u16, v: &Value) -> bool {
+    let msg = v["msg"].as_str().unwrap_or_default();
+    status == 200
+        && v["code"] == 1
+        && (msg == "the gate cannot record this charge right now; nothing was charged"
+            || msg == "the gate could not record the settlement of this request")
+}
+
+/// Frees and grows the disk and restarts the gate on the same ledger: it verifies clean,
+/// nothing is pending, and every draw the upstream accepted is charged once
+/// (12 points each), nothing else. Returns the draws the upstream accepted.
+async fn restart_and_check_the_books(
+    env: &mut Env,
+    disk: &SmallDisk,
+    cfg: Config,
+    id: &str,
+    filler: PathBuf,
+) -> u64 {
+    env.gate.take().unwrap().shutdown().await;
+    std::fs::remove_file(filler).unwrap();
+    // Deleting the filler may not be room enough: a busy WAL can have taken
+    // most of the disk, and opening the ledger copies it into the database.
+    // The operator grows the volume, as one would.
+    disk.grow("16m");
+    env.gate = Some(chuzhan_gate::server::start(cfg).await.unwrap());
+    let ledger = &env.gate().gate.ledger;
+    let report = ledger.verify().await.unwrap();
+    assert!(report.is_clean(), "{:?}", report.mismatches);
+    assert_eq!(ledger.pending_count().await.unwrap(), 0);
+    let acc = env.account(id).await;
+    let accepted = submits(env);
+    assert_eq!(
+        acc["spent"].as_u64(),
+        Some(12 * accepted),
+        "every draw the upstream accepted is charged once, nothing else: {acc}"
+    );
+    assert_eq!(acc["reserved"], 0, "{acc}");
+    accepted
+}
+
+/// The ledger's disk fills up under draws: the gate refuses from the first
+/// write it cannot make, forwards nothing it has not reserved, says why on
+/// `/readyz`, and once restarted with space again the books are whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_ledger_disk_stops_the_gate_closed_and_loses_no_charge() {
+    let Some(disk) = SmallDisk::mount("2m") else {
+        return;
+    };
+    let (mut env, cfg, id, secret) = gate_on_disk(&disk, SimConfig::default()).await;
+    for _ in 0..20 {
+        let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+    }
+    let filler = disk.fill();
+
+    // Draw until the ledger cannot write; the draws before that are kept.
+    let mut answered_ok = 20u64;
+    let mut refusal = None;
+    for _ in 0..5_000 {
+        let (status, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        if v["code"] == 0 {
+            answered_ok += 1;
+        } else {
+            refusal = Some((status, v));
+            break;
+        }
+    }
+    let (status, v) = refusal.expect("5,000 draws on a full disk were all recorded");
+    eprintln!("after {answered_ok} draws the gate refused: {status} {v}");
+    assert!(is_ledger_refusal(status, &v), "{status} {v}");
+    // From then on every billed draw is refused before it is forwarded.
+    let forwarded = submits(&env);
+    for _ in 0..10 {
+        let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        assert_eq!(
+            v["msg"], "the gate cannot record this charge right now; nothing was charged",
+            "{v}"
+        );
+    }
+    assert_eq!(submits(&env), forwarded, "a draw was forwarded unreserved");
+    let ready = env.http.get(env.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let why: Value = ready.json().await.unwrap();
+    assert!(
+        why["ledger"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("write failure"),
+        "{why}"
+    );
+
+    let accepted = restart_and_check_the_books(&mut env, &disk, cfg, &id, filler).await;
+    assert!(accepted >= answered_ok, "{accepted} < {answered_ok}");
+    let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+    assert_eq!(v["code"], 0, "the restarted gate serves again: {v}");
+}
+
+/// The disk fills while draws are in flight upstream: a draw reserved and
+/// forwarded whose settlement cannot be written is answered with an error, its
+/// durable reservation is charged at the restart (`pending_policy = charge`:
+/// the upstream ran it), and the books are whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_filling_while_draws_are_upstream_loses_no_charge() {
+    let Some(disk) = SmallDisk::mount("2m") else {
+        return;
+    };
+    let sim_cfg = SimConfig {
+        latency_ms: 30,
+        ..SimConfig::default()
+    };
+    let (mut env, cfg, id, secret) = gate_on_disk(&disk, sim_cfg).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url, secret, stop) = (
+                env.http.clone(),
+                env.url(DRAW),
+                secret.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let r = http
+                        .post(&url)
+                        .header("Auth-Token", &secret)
+                        .body(SEED_768)
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = r.status().as_u16();
+                    let v: Value = r.json().await.unwrap();
+                    if v["code"] == 0 {
+                        ok += 1;
+                    } else {
+                        assert!(is_ledger_refusal(status, &v), "{status} {v}");
+                        refused.push(v["msg"].as_str().unwrap_or_default().to_owned());
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let filler = disk.fill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut refused) = (0, Vec::new());
+    for c in clients {
+        let (o, r) = c.await.unwrap();
+        ok += o;
+        refused.extend(r);
+    }
+    let unsettled = refused.iter().filter(|m| m.contains("settlement")).count();
+    eprintln!(
+        "{ok} draws answered, {} refused ({unsettled} of them after the upstream accepted)",
+        refused.len()
+    );
+    assert!(!refused.is_empty(), "the full disk refused nothing");
+    let accepted = restart_and_check_the_books(&mut env, &disk, cfg, &id, filler).await;
+    assert_eq!(
+        accepted,
+        ok + unsettled as u64,
+        "the upstream accepted exactly the draws answered and those whose settlement failed"
     );
 }
 
