@@ -144,7 +144,10 @@ async fn admin_route(
 async fn readyz(gate: &Gate) -> Answer {
     let ledger = gate.ledger.ping().await;
     let upstream = probe_upstream(gate).await;
-    let ok = ledger.is_ok() && upstream.is_ok();
+    // Records wait in memory while the audit log cannot be written; a replica
+    // in that state should take no new traffic until it can.
+    let audit = gate.audit.health().failing();
+    let ok = ledger.is_ok() && upstream.is_ok() && audit.is_none();
     json_answer(
         if ok {
             StatusCode::OK
@@ -154,6 +157,7 @@ async fn readyz(gate: &Gate) -> Answer {
         &json!({
             "ledger": ledger.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string()),
             "upstream": upstream.map(|_| "ok".to_owned()).unwrap_or_else(|e| e),
+            "audit": audit.map_or_else(|| "ok".to_owned(), |e| format!("writes failing: {e}")),
         }),
     )
 }
@@ -226,6 +230,14 @@ async fn render_metrics(gate: &Gate) -> String {
     ] {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
     }
+    let audit = gate.audit.health();
+    let _ = writeln!(
+        out,
+        "# TYPE gate_audit_failing gauge\ngate_audit_failing {}\n\
+         # TYPE gate_audit_write_failures_total counter\ngate_audit_write_failures_total {}",
+        u8::from(audit.failing().is_some()),
+        audit.failures()
+    );
     if let Some(w) = gate.ledger.key_watch() {
         use std::sync::atomic::Ordering::Relaxed;
         let _ = writeln!(

@@ -953,6 +953,80 @@ async fn a_disk_filling_while_draws_are_upstream_loses_no_charge() {
     );
 }
 
+/// The audit log's disk fills up: draws are still answered and charged (the
+/// records wait in memory), `/readyz` and `/metrics` say the log is failing,
+/// and once there is space again every record is written, in one unbroken chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_audit_disk_holds_records_until_there_is_room_and_says_so() {
+    let Some(disk) = SmallDisk::mount("1m") else {
+        return;
+    };
+    let audit_dir = disk.path().join("audit");
+    let dir = audit_dir.clone();
+    let env = Env::with(SimConfig::default(), move |c| c.audit.dir = Some(dir)).await;
+    let (id, secret) = env.key(json!({"name": "audited", "budget": 100_000})).await;
+    for _ in 0..5 {
+        let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+    }
+    let audit = &env.gate().gate.audit;
+    audit.flush().await.unwrap();
+    let ready = || async {
+        let r = env.http.get(env.admin_url("/readyz")).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+
+    let filler = disk.fill();
+    for _ in 0..20 {
+        let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "a draw waited on the audit log: {v}");
+    }
+    // (A flush would wait for the disk: the writer retries the batch before
+    // it takes anything else from its queue.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while audit.health().failing().is_none() {
+        assert!(Instant::now() < deadline, "a full disk went unnoticed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, why) = ready().await;
+    assert_eq!(status, 503, "{why}");
+    assert!(
+        why["audit"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("No space left"),
+        "{why}"
+    );
+    let m = metrics_of(&env.http, env.gate()).await;
+    assert!(m.contains("gate_audit_failing 1"), "{m}");
+    assert!(!m.contains("gate_audit_write_failures_total 0\n"), "{m}");
+    assert_eq!(env.account(&id).await["spent"], 12 * 25);
+
+    // Room again: the writer's next attempt (at most 5 s away) writes it all.
+    std::fs::remove_file(filler).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), audit.flush())
+        .await
+        .expect("the audit log never recovered")
+        .unwrap();
+    assert_eq!(ready().await.0, 200);
+    assert!(metrics_of(&env.http, env.gate())
+        .await
+        .contains("gate_audit_failing 0"));
+    let admitted = chuzhan_gate::audit::query(
+        &audit_dir,
+        &chuzhan_gate::audit::Filter {
+            key: Some(id),
+            decision: Some("admitted".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(admitted.len(), 25, "a draw's record was lost");
+    let report = chuzhan_gate::audit::verify(&audit_dir).unwrap();
+    assert!(report.first_break.is_none(), "{report:?}");
+}
+
 // ---------------------------------------------------------------------------
 // 3. Bad input: oversized, slow, and many idle clients
 // ---------------------------------------------------------------------------

@@ -253,6 +253,51 @@ pub struct Audit {
     /// `None` for a handle that discards (audit disabled).
     tx: Option<mpsc::Sender<Msg>>,
     log_prompts: bool,
+    health: Arc<Health>,
+}
+
+/// How the writer's I/O is going, for `/readyz` and `/metrics`: while its last
+/// attempt failed (disk full, directory gone), records wait in memory and the
+/// gate slows down rather than loses them, and the operator should know.
+#[derive(Debug, Default)]
+pub struct Health {
+    failing: AtomicBool,
+    failures: std::sync::atomic::AtomicU64,
+    last_error: std::sync::Mutex<String>,
+}
+
+impl Health {
+    /// The last error, while the writer's last write or sync failed.
+    pub fn failing(&self) -> Option<String> {
+        if !self.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            self.last_error
+                .lock()
+                .map(|e| e.clone())
+                .unwrap_or_else(|e| e.into_inner().clone()),
+        )
+    }
+
+    /// Failed writes and syncs since the start (each one is retried).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self, e: &std::io::Error) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = e.to_string();
+        }
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.failing.store(true, Ordering::Release);
+    }
+
+    fn succeeded(&self) {
+        if self.failing.load(Ordering::Relaxed) {
+            self.failing.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// Owns the writer thread's lifetime. [`AuditWriter::shutdown`] stops accepting
@@ -302,6 +347,8 @@ impl Audit {
             .await
             .map_err(|e| AuditError::Write(format!("recovery task failed: {e}")))??;
 
+        let health = Arc::new(Health::default());
+        let state = state.with_health(Arc::clone(&health));
         let (tx, rx) = mpsc::channel(cfg.queue);
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = oneshot::channel();
@@ -318,6 +365,7 @@ impl Audit {
             Audit {
                 tx: Some(tx.clone()),
                 log_prompts: cfg.log_prompts,
+                health,
             },
             AuditWriter {
                 stop,
@@ -333,7 +381,13 @@ impl Audit {
         Audit {
             tx: None,
             log_prompts: false,
+            health: Arc::default(),
         }
+    }
+
+    /// How the writer's I/O is going.
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
     /// Whether prompt and image fields are kept (`audit.log_prompts`): the gate can

@@ -1,8 +1,8 @@
 //! The writer thread: recovery on open, batching, rotation, syncing, the head file.
 
 use super::{
-    canonical_hash, file_name, list_files, parse_line, read_head, AuditError, Head, LogFile, Msg,
-    CURRENT_LINK, GENESIS, HEAD_FILE,
+    canonical_hash, file_name, list_files, parse_line, read_head, AuditError, Head, Health,
+    LogFile, Msg, CURRENT_LINK, GENESIS, HEAD_FILE,
 };
 use crate::clock::SharedClock;
 use chrono::{NaiveDate, SecondsFormat};
@@ -11,6 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -87,6 +88,8 @@ pub(super) struct Writer {
     head_at: Option<Instant>,
     /// Whether the I/O path gave up (only after a stop was asked).
     gave_up: bool,
+    /// Told of every failed and successful attempt.
+    health: Arc<Health>,
 }
 
 /// The newest complete record found on disk.
@@ -116,6 +119,7 @@ impl Writer {
             head_written: None,
             head_at: None,
             gave_up: false,
+            health: Arc::default(),
             s,
         };
         let mut partial: Option<(String, u64)> = None;
@@ -192,6 +196,12 @@ impl Writer {
             w.commit(true).map_err(|e| AuditError::io(&w.s.dir, e))?;
         }
         Ok(w)
+    }
+
+    /// Reports to `health` from now on.
+    pub(super) fn with_health(mut self, health: Arc<Health>) -> Writer {
+        self.health = health;
+        self
     }
 
     /// The thread body: take batches from the queue until stopped.
@@ -300,8 +310,12 @@ impl Writer {
         let mut failed_when_stopping = 0;
         loop {
             match op(self) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.health.succeeded();
+                    return;
+                }
                 Err(e) => {
+                    self.health.failed(&e);
                     tracing::error!(error = %e, dir = %self.s.dir.display(), "audit write failed; retrying");
                     answer(flushers, Err(AuditError::Write(e.to_string())));
                     if stop.load(Ordering::SeqCst) {
