@@ -1,6 +1,7 @@
 //! Robustness: the gate under upstream faults, crashes (real signals on the real
-//! binary), a ledger disk that fills up (a real, small tmpfs), hostile or broken
-//! clients, and a hunt for leaked secrets.
+//! binary), a disk that fills up (a real, small tmpfs), a PostgreSQL ledger that
+//! goes away and comes back, hostile or broken clients, and a hunt for leaked
+//! secrets.
 //!
 //! What tests/gate.rs already covers (HTTP 500, reset mid-answer, invalid JSON,
 //! refused connection, the `void` unknown-outcome policy, in-process drain) is not
@@ -1025,6 +1026,221 @@ async fn a_full_audit_disk_holds_records_until_there_is_room_and_says_so() {
     assert_eq!(admitted.len(), 25, "a draw's record was lost");
     let report = chuzhan_gate::audit::verify(&audit_dir).unwrap();
     assert!(report.first_break.is_none(), "{report:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 2c. PostgreSQL goes away and comes back
+// ---------------------------------------------------------------------------
+
+/// A TCP relay in front of the PostgreSQL server that can be cut: every
+/// relayed connection is closed, and new ones are closed as soon as they are
+/// accepted, until it is restored. The server itself stays up for the other
+/// tests that share it.
+struct CutRelay {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CutRelay {
+    async fn start(target: SocketAddr) -> CutRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (is_open, cut_rx) = (open.clone(), cuts.subscribe());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !is_open.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let mut cut = cut_rx.clone();
+                cut.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        CutRelay {
+            addr,
+            open,
+            cuts,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for CutRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// The PostgreSQL ledger becomes unreachable while the gate serves (a failover,
+/// a restart, a network cut) and comes back. Meanwhile billed draws are refused
+/// before they are forwarded, promptly; a draw that was upstream when the store
+/// went away is answered with an error and its durable reservation is charged
+/// once it expires; afterwards the gate serves again by itself, and the books
+/// hold every draw the upstream accepted, charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_by_itself() {
+    let Some(url) = postgres_url("the PostgreSQL outage test") else {
+        return;
+    };
+    let pg: tokio_postgres::Config = url.parse().expect("GATE_TEST_POSTGRES_URL");
+    let target = match (pg.get_hosts().first(), pg.get_ports().first()) {
+        (Some(tokio_postgres::config::Host::Tcp(h)), port) => {
+            tokio::net::lookup_host((h.as_str(), port.copied().unwrap_or(5432)))
+                .await
+                .unwrap()
+                .next()
+                .unwrap()
+        }
+        _ => panic!("the outage test needs a TCP GATE_TEST_POSTGRES_URL: {url}"),
+    };
+    let relay = CutRelay::start(target).await;
+    let relay_url = format!(
+        "postgres://{}{}@127.0.0.1:{}/{}",
+        pg.get_user().unwrap_or("postgres"),
+        pg.get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default(),
+        relay.addr.port(),
+        pg.get_dbname().unwrap_or("postgres"),
+    );
+    let schema = format!(
+        "outage_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    struct DropSchema(String, String);
+    impl Drop for DropSchema {
+        fn drop(&mut self) {
+            drop_schema_now(&self.0, &self.1);
+        }
+    }
+    let _schema = DropSchema(url.clone(), schema.clone());
+    let sim = start_sim(SimConfig {
+        latency_ms: 300,
+        ..SimConfig::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = pg_replica(&sim, &relay_url, &schema, dir.path(), "outage", &|c| {
+        c.ledger.pending_ttl_secs = 2;
+    })
+    .await
+    .expect("a gate on the PostgreSQL ledger through the relay");
+    let env = Env {
+        sim,
+        gate: Some(gate),
+        dir,
+        http: reqwest::Client::new(),
+    };
+    let (id, secret) = env.key(json!({"name": "outage", "budget": 100_000})).await;
+    for _ in 0..3 {
+        let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+    }
+
+    // A draw goes upstream; the store goes away before its answer comes back.
+    let (http, draw_url, s) = (env.http.clone(), env.url(DRAW), secret.clone());
+    let in_flight = tokio::spawn(async move {
+        let r = http
+            .post(draw_url)
+            .header("Auth-Token", s)
+            .body(SEED_768)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(submits(&env), 4, "the in-flight draw was not forwarded yet");
+    relay.cut();
+    let (status, v) = in_flight.await.unwrap();
+    assert!(is_ledger_refusal(status, &v), "{status} {v}");
+    assert_eq!(
+        v["msg"],
+        "the gate could not record the settlement of this request"
+    );
+
+    // While it is away: refused, promptly, and nothing is forwarded.
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let (status, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        assert!(is_ledger_refusal(status, &v), "{status} {v}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(10),
+            "a refusal took {:?}",
+            asked.elapsed()
+        );
+    }
+    assert_eq!(
+        submits(&env),
+        4,
+        "a draw was forwarded while the store was away"
+    );
+    let r = env.http.get(env.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+
+    // Back: the gate serves again without a restart.
+    relay.restore();
+    let back = Instant::now();
+    loop {
+        let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        if v["code"] == 0 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "the gate did not serve again within 15 s of the store's return: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "serving again {:?} after the store came back",
+        back.elapsed()
+    );
+    let r = env.http.get(env.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    // The reservation left by the cut expires and is charged (the upstream ran it).
+    let ledger = &env.gate().gate.ledger;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ledger.pending_count().await.unwrap() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cut draw's reservation stayed pending"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let report = ledger.verify().await.unwrap();
+    assert!(report.is_clean(), "{:?}", report.mismatches);
+    let acc = env.account(&id).await;
+    assert_eq!(
+        acc["spent"].as_u64(),
+        Some(12 * submits(&env)),
+        "every draw the upstream accepted is charged once, nothing else: {acc}"
+    );
+    assert_eq!(acc["reserved"], 0, "{acc}");
 }
 
 // ---------------------------------------------------------------------------
