@@ -945,12 +945,12 @@ async fn settle(
         // per task; the first poll loads it, and its end evicts it.
         (Some(p), Some(task_id)) if p.get() > 0 => {
             let rec = task_record(gate, key, ep, &r.id, task_id, &s, p, plan);
-            let settled = gate.ledger.commit_task(&r.id, p, &rec).await?;
+            let settled = settle_write(gate, || gate.ledger.commit_task(&r.id, p, &rec)).await?;
             s.registered = true;
             settled
         }
-        (Some(p), _) => gate.ledger.commit(&r.id, p).await?,
-        (None, _) => gate.ledger.void(&r.id).await?,
+        (Some(p), _) => settle_write(gate, || gate.ledger.commit(&r.id, p)).await?,
+        (None, _) => settle_write(gate, || gate.ledger.void(&r.id)).await?,
     };
     gate.metrics.ledger_commit.observe(started.elapsed());
     match charge {
@@ -978,6 +978,35 @@ async fn settle(
     Ok(s)
 }
 
+/// Writes a settlement, and with a shared store keeps trying while the store
+/// is unreachable, for up to `ledger.settle_retry_secs`: the upstream has
+/// answered, so a store that comes back within a failover's time turns what
+/// would be an error and a charge by `pending_policy` into the answer and the
+/// exact charge. A retried transition is applied once: the ledger replays a
+/// settlement it already holds (the first attempt may have committed before
+/// its reply was lost). The embedded ledger is not retried: its write failures
+/// stop it until a restart.
+async fn settle_write<F, Fut>(gate: &Gate, mut write: F) -> Result<Settled, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Settled, LedgerError>>,
+{
+    let until = Instant::now() + Duration::from_secs(gate.cfg.ledger.settle_retry_secs);
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match write().await {
+            Err(LedgerError::Storage(e))
+                if gate.cfg.ledger.shared() && Instant::now() + pause < until =>
+            {
+                tracing::warn!(error = %e, "settlement not written; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Turn a settled forward into the answer for the client: rewrite `data.balance`
 /// and `data.used` of an accepted submit, pass everything else through.
 fn finish_billable(
@@ -991,7 +1020,10 @@ fn finish_billable(
             return Err(Reject::new(
                 Code::Internal,
                 "ledger",
-                "the gate could not record the settlement of this request",
+                "the gate could not record the settlement of this request, which was sent \
+                 upstream: its reservation stays held and the operator's ledger settles it \
+                 later (charged by default, as the upstream may have run it); X-Request-Id \
+                 identifies it to the operator",
             ));
         }
     };

@@ -187,6 +187,11 @@ pub struct LedgerConfig {
     /// elsewhere. Changes are also pushed (`LISTEN`), so this is the fallback
     /// for when the push is not available.
     pub key_poll_secs: u64,
+    /// With PostgreSQL, how long a request whose upstream answer is in hand
+    /// keeps trying to write its settlement while the store is unreachable (a
+    /// failover, a restart) before it is answered with an error and its
+    /// reservation is left to `pending_policy`.
+    pub settle_retry_secs: u64,
 }
 
 impl Default for LedgerConfig {
@@ -203,6 +208,7 @@ impl Default for LedgerConfig {
             instance: None,
             schema: None,
             key_poll_secs: 1,
+            settle_retry_secs: 10,
         }
     }
 }
