@@ -230,6 +230,11 @@ async fn render_metrics(gate: &Gate) -> String {
     ] {
         let _ = writeln!(out, "# TYPE {name} counter\n{name} {v}");
     }
+    let _ = writeln!(
+        out,
+        "# TYPE gate_settlements_held gauge\ngate_settlements_held {}",
+        gate.owed.len()
+    );
     let audit = gate.audit.health();
     let _ = writeln!(
         out,

@@ -64,6 +64,94 @@ pub struct GateInner {
     pub workflows: dashmap::DashMap<String, Points>,
     /// Client for forwarding callbacks to clients (not the upstream's pool).
     pub callback_client: reqwest::Client,
+    /// With a shared store: settlements the store did not take within
+    /// `ledger.settle_retry_secs`, written by [`settle_owed`] once it is back.
+    pub owed: dashmap::DashMap<TransferId, Owed>,
+}
+
+/// A settlement the upstream's answer decided but the shared store could not
+/// take while the request waited (see [`settle_write`]). The gate keeps it and
+/// [`settle_owed`] writes it once the store is back, so that the charge is what
+/// the upstream said and an accepted task is registered (and refunded if it
+/// fails), rather than the reservation being charged by `pending_policy` when
+/// it expires. Held in memory only: if the gate stops first, the policy applies.
+#[derive(Debug, Clone)]
+pub struct Owed {
+    key: Arc<ActiveKey>,
+    id: TransferId,
+    how: OwedHow,
+    reserved: Points,
+}
+
+#[derive(Debug, Clone)]
+enum OwedHow {
+    /// Charge, registering the accepted task with it.
+    Commit(Points, Option<Box<TaskRecord>>),
+    Void,
+}
+
+/// Writes one settlement of the transfer `id`.
+async fn write_settlement(
+    ledger: &Ledger,
+    id: &TransferId,
+    how: &OwedHow,
+) -> Result<Settled, LedgerError> {
+    match how {
+        OwedHow::Commit(p, Some(rec)) => ledger.commit_task(id, *p, rec).await,
+        OwedHow::Commit(p, None) => ledger.commit(id, *p).await,
+        OwedHow::Void => ledger.void(id).await,
+    }
+}
+
+impl Owed {
+    /// The transition's name and points, as audited and counted.
+    fn transition(&self) -> (&'static str, Points) {
+        match &self.how {
+            OwedHow::Commit(p, _) => ("commit", *p),
+            OwedHow::Void => ("void", self.reserved),
+        }
+    }
+}
+
+/// Writes the settlements kept by [`settle_write`] while the shared store was
+/// away, oldest first, until the store refuses one for being unreachable again.
+/// A settlement the ledger refuses otherwise (its reservation expired and was
+/// resolved by `pending_policy` meanwhile, on this replica or another) is
+/// dropped: the ledger has settled it. Returns how many were written.
+pub async fn settle_owed(gate: &Gate) -> usize {
+    let mut ids: Vec<TransferId> = gate.owed.iter().map(|e| e.key().clone()).collect();
+    ids.sort();
+    let mut written = 0;
+    for id in ids {
+        let Some(owed) = gate.owed.get(&id).map(|e| e.value().clone()) else {
+            continue;
+        };
+        match write_settlement(&gate.ledger, &owed.id, &owed.how).await {
+            Ok(settled) => {
+                gate.owed.remove(&id);
+                written += 1;
+                let (transition, points) = owed.transition();
+                let kind = if transition == "commit" {
+                    "charged"
+                } else {
+                    "voided"
+                };
+                gate.metrics
+                    .points(owed.key.id.as_str(), kind, points.get());
+                audit_transition(gate, &owed.key, &id, transition, points, settled.remaining).await;
+                tracing::warn!(transfer = %id, transition, "a settlement held back by a store outage was written");
+            }
+            Err(LedgerError::Storage(e)) => {
+                tracing::debug!(error = %e, "the shared store still does not take settlements");
+                break;
+            }
+            Err(e) => {
+                gate.owed.remove(&id);
+                tracing::warn!(transfer = %id, error = %e, "a settlement held back by a store outage was already resolved by the ledger");
+            }
+        }
+    }
+    written
 }
 
 impl std::ops::Deref for Gate {
@@ -875,7 +963,7 @@ fn read_verdict(body: &[u8]) -> Option<Verdict> {
 /// - sent but the answer was lost or unreadable → the configured policy (default charge).
 async fn settle(
     gate: &Gate,
-    key: &ActiveKey,
+    key: &Arc<ActiveKey>,
     ep: Endpoint,
     r: Reservation,
     quote: &Quote,
@@ -936,7 +1024,7 @@ async fn settle(
         }
     };
     let started = Instant::now();
-    let settled = match (charge, &s.task_id) {
+    let how = match (charge, &s.task_id) {
         // An accepted task: its commit and its registration are one durable
         // write, so the client waits for one write, and the task is in the
         // registry exactly when its charge is in the ledger. Not cached here:
@@ -945,13 +1033,26 @@ async fn settle(
         // per task; the first poll loads it, and its end evicts it.
         (Some(p), Some(task_id)) if p.get() > 0 => {
             let rec = task_record(gate, key, ep, &r.id, task_id, &s, p, plan);
-            let settled = settle_write(gate, || gate.ledger.commit_task(&r.id, p, &rec)).await?;
-            s.registered = true;
-            settled
+            OwedHow::Commit(p, Some(Box::new(rec)))
         }
-        (Some(p), _) => settle_write(gate, || gate.ledger.commit(&r.id, p)).await?,
-        (None, _) => settle_write(gate, || gate.ledger.void(&r.id)).await?,
+        (Some(p), _) => OwedHow::Commit(p, None),
+        (None, _) => OwedHow::Void,
     };
+    let settled = match settle_write(gate, || write_settlement(&gate.ledger, &r.id, &how)).await {
+        Ok(settled) => settled,
+        Err(e @ LedgerError::Storage(_)) if gate.cfg.ledger.shared() => {
+            let owed = Owed {
+                key: Arc::clone(key),
+                id: r.id.clone(),
+                how,
+                reserved: r.points,
+            };
+            gate.owed.insert(r.id, owed);
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    s.registered = matches!(how, OwedHow::Commit(_, Some(_)));
     gate.metrics.ledger_commit.observe(started.elapsed());
     match charge {
         Some(p) => gate.metrics.points(key.id.as_str(), "charged", p.get()),

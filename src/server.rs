@@ -147,6 +147,7 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
         limits: crate::limits::Limits::new(!shared_store),
         workflows: Default::default(),
         callback_client,
+        owed: Default::default(),
     });
     for (key, n) in open_tasks {
         gate.limits.restore(&key, n);
@@ -286,6 +287,9 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>) {
     // settled transfers, expiry). Stopping aborts it; a refund it cut off is
     // made by the sweep.
     let mut check: Option<tokio::task::JoinHandle<()>> = None;
+    // Settlements held back by a shared store's outage (`gate::settle_owed`),
+    // written once a second while there are any, one round at a time.
+    let mut owed: Option<tokio::task::JoinHandle<()>> = None;
     // Refunds cut off by a crash of this gate (or of a replica) are made once
     // at start, then looked for every 10 s.
     let swept = crate::tasks::refund_due(&gate, Duration::ZERO).await;
@@ -302,14 +306,22 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>) {
                 continue;
             }
             _ = stop.changed() => {
-                if let Some(c) = check.take() {
-                    c.abort();
+                for t in [check.take(), owed.take()].into_iter().flatten() {
+                    t.abort();
                 }
                 return;
             }
         }
         n += 1;
         if gate.cfg.ledger.shared() {
+            // In a task of its own: a write to a store that is still away may
+            // wait for a connection timeout.
+            if !gate.owed.is_empty() && owed.as_ref().is_none_or(|o| o.is_finished()) {
+                let gate = gate.clone();
+                owed = Some(tokio::spawn(async move {
+                    crate::gate::settle_owed(&gate).await;
+                }));
+            }
             sync_fleet_counts(&gate, n).await;
         }
         if n % gate.cfg.tasks.check_interval_secs.max(1) == 0

@@ -1097,10 +1097,10 @@ impl Drop for CutRelay {
 /// a restart, a network cut) and comes back. A draw upstream during a blip
 /// shorter than `settle_retry_secs` is answered normally. In a longer outage
 /// billed draws are refused before they are forwarded, promptly; a draw that
-/// was upstream when the store went away is answered with an error and its
-/// durable reservation is charged once it expires; afterwards the gate serves
-/// again by itself, and the books hold every draw the upstream accepted,
-/// charged once.
+/// was upstream when the store went away is answered with an error, and the
+/// gate holds its settlement and writes it once the store is back; the gate
+/// serves again by itself, and the books hold every draw the upstream
+/// accepted, charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_by_itself() {
     let Some(url) = postgres_url("the PostgreSQL outage test") else {
@@ -1146,7 +1146,6 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     .await;
     let dir = tempfile::tempdir().unwrap();
     let gate = pg_replica(&sim, &relay_url, &schema, dir.path(), "outage", &|c| {
-        c.ledger.pending_ttl_secs = 2;
         c.ledger.settle_retry_secs = 2;
     })
     .await
@@ -1173,7 +1172,8 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
                 .send()
                 .await
                 .unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            let rid = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap(), rid)
         })
     };
 
@@ -1186,7 +1186,7 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     relay.cut();
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.restore();
-    let (status, v) = in_flight.await.unwrap();
+    let (status, v, _) = in_flight.await.unwrap();
     assert_eq!((status, &v["code"]), (200, &json!(0)), "{v}");
     assert_eq!(v["data"]["used"], 12, "{v}");
     let task = v["data"]["paintingSign"]
@@ -1201,12 +1201,19 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     assert_eq!(ledger.pending_count().await.unwrap(), 0);
 
     // An outage longer than `settle_retry_secs`: the draw upstream when the
-    // store went away is answered with an error.
+    // store went away is answered with an error, and the gate holds its
+    // settlement until the store is back.
     let in_flight = draw_in_flight();
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(submits(&env), 5, "the in-flight draw was not forwarded yet");
     relay.cut();
-    let (status, v) = in_flight.await.unwrap();
+    let (status, v, held_id) = in_flight.await.unwrap();
+    assert!(
+        metrics_of(&env.http, env.gate())
+            .await
+            .contains("gate_settlements_held 1"),
+        "the settlement is held"
+    );
     assert!(is_ledger_refusal(status, &v), "{status} {v}");
     assert!(
         v["msg"]
@@ -1256,15 +1263,41 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     let r = env.http.get(env.admin_url("/readyz")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
 
-    // The reservation left by the cut expires and is charged (the upstream ran it).
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // The held settlement is written once the store is back (its reservation
+    // is far from expiring: `pending_policy` has no part in this), with the
+    // upstream's charge, and audited.
+    let deadline = Instant::now() + Duration::from_secs(10);
     while ledger.pending_count().await.unwrap() > 0 {
         assert!(
             Instant::now() < deadline,
-            "the cut draw's reservation stayed pending"
+            "the held settlement was not written within 10 s of the store's return"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(metrics_of(&env.http, env.gate())
+        .await
+        .contains("gate_settlements_held 0"));
+    env.gate().gate.audit.flush().await.unwrap();
+    let audited = chuzhan_gate::audit::query(
+        &env.gate().gate.cfg.audit_dir(),
+        &chuzhan_gate::audit::Filter {
+            key: Some(id.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let held: Vec<&Value> = audited
+        .iter()
+        .filter(|r| r["request_id"] == held_id.as_str() && r["event"] == "ledger")
+        .collect();
+    assert_eq!(
+        held.iter()
+            .map(|r| r["transition"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["reserve", "commit"],
+        "{held:?}"
+    );
+    assert_eq!(held[1]["points"], 12);
     let report = ledger.verify().await.unwrap();
     assert!(report.is_clean(), "{:?}", report.mismatches);
     let acc = env.account(&id).await;
