@@ -66,6 +66,15 @@ impl Fleet {
         self.sim.stats().submits.values().sum()
     }
 
+    /// A connection of its own to the store, behind the gates' backs.
+    async fn db(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
     /// `ledger verify` on the shared store finds nothing wrong.
     async fn assert_books_clean(&self) {
         let report = self.a.gate.ledger.verify().await.unwrap();
@@ -549,11 +558,9 @@ async fn key_changes_are_pushed_to_other_replicas_also_after_a_lost_connection()
 
     // The listening connection is cut; it comes back, and a key disabled on A
     // while it was down, or after, is refused by C's cache, free reads included.
-    let (admin_db, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+    let cut = f
+        .db()
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    let cut = admin_db
         .query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
             &[&format!("chuzhan-gate keys {name}")],
@@ -598,11 +605,9 @@ async fn a_key_row_deleted_in_the_store_leaves_every_replicas_cache_at_once() {
         f.until_b_knows(s).await;
         assert_eq!(f.code_on(&f.a, s).await, 0);
     }
-    let (db, conn) = tokio_postgres::connect(&f.url, tokio_postgres::NoTls)
+    let gone = f
+        .db()
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    let gone = db
         .execute(
             &format!("DELETE FROM {}.keys WHERE id = $1", f.schema),
             &[&id],

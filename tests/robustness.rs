@@ -705,15 +705,9 @@ impl SmallDisk {
             return None;
         }
         let mnt = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(mnt.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mounting a {size} tmpfs as root failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+        run_mount(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            mnt.path(),
         );
         Some(SmallDisk { mnt })
     }
@@ -724,16 +718,7 @@ impl SmallDisk {
 
     /// Makes the file system `size` large (the volume grown by its operator).
     fn grow(&self, size: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.mnt.path())
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "growing the tmpfs to {size} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_mount(&["-o", &format!("remount,size={size}")], self.mnt.path());
     }
 
     /// Writes a file of zeros until the file system has no space left.
@@ -751,6 +736,21 @@ impl SmallDisk {
         }
         filler
     }
+}
+
+/// `mount ARGS... DIR`, as root; a failure fails the test.
+fn run_mount(args: &[&str], dir: &Path) {
+    let out = Command::new("mount")
+        .args(args)
+        .arg(dir)
+        .output()
+        .expect("run mount");
+    assert!(
+        out.status.success(),
+        "mount {args:?} {} failed: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for SmallDisk {
