@@ -899,13 +899,15 @@ async fn a_disk_filling_while_draws_are_upstream_loses_no_charge() {
     };
     let (mut env, cfg, id, secret) = gate_on_disk(&disk, sim_cfg).await;
     let stop = Arc::new(AtomicBool::new(false));
+    let refusals = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..8)
         .map(|_| {
-            let (http, url, secret, stop) = (
+            let (http, url, secret, stop, refusals) = (
                 env.http.clone(),
                 env.url(DRAW),
                 secret.clone(),
                 stop.clone(),
+                refusals.clone(),
             );
             tokio::spawn(async move {
                 let (mut ok, mut refused) = (0u64, Vec::new());
@@ -923,6 +925,7 @@ async fn a_disk_filling_while_draws_are_upstream_loses_no_charge() {
                         ok += 1;
                     } else {
                         assert!(is_ledger_refusal(status, &v), "{status} {v}");
+                        refusals.fetch_add(1, Ordering::Relaxed);
                         refused.push(v["msg"].as_str().unwrap_or_default().to_owned());
                     }
                 }
@@ -932,7 +935,17 @@ async fn a_disk_filling_while_draws_are_upstream_loses_no_charge() {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let filler = disk.fill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The WAL may still have room it took before (SQLite reuses it from the
+    // start after a checkpoint): draw until the ledger refuses, then a little.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refusals.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "30 s of draws on a full disk, none refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut refused) = (0, Vec::new());
     for c in clients {
@@ -1093,6 +1106,18 @@ impl Drop for CutRelay {
     }
 }
 
+/// Waits until the simulator has accepted `n` submits in all (a draw in
+/// flight has been reserved and forwarded): the store is cut while the
+/// simulator holds it (300 ms).
+async fn until_forwarded(env: &Env, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while submits(env) < n {
+        assert!(Instant::now() < deadline, "the draw was never forwarded");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(submits(env), n);
+}
+
 /// The PostgreSQL ledger becomes unreachable while the gate serves (a failover,
 /// a restart, a network cut) and comes back. A draw upstream during a blip
 /// shorter than `settle_retry_secs` is answered normally. In a longer outage
@@ -1181,8 +1206,7 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     // later, within `settle_retry_secs`. The draw is answered as if nothing
     // had happened, and charged what the upstream said.
     let in_flight = draw_in_flight();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(submits(&env), 4, "the in-flight draw was not forwarded yet");
+    until_forwarded(&env, 4).await;
     relay.cut();
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.restore();
@@ -1204,8 +1228,7 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     // store went away is answered with an error, and the gate holds its
     // settlement until the store is back.
     let in_flight = draw_in_flight();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(submits(&env), 5, "the in-flight draw was not forwarded yet");
+    until_forwarded(&env, 5).await;
     relay.cut();
     let (status, v, held_id) = in_flight.await.unwrap();
     assert!(
