@@ -776,3 +776,97 @@ async fn a_keys_submit_rate_holds_across_replicas() {
     assert_eq!(f.submits(), accepted);
     f.assert_books_clean().await;
 }
+
+/// An operator's transaction left open in `psql`, holding one key's account
+/// row, refuses that key's charges after `lock_timeout_ms` each and holds up
+/// the other keys' for one batch at most: the group commit does not queue
+/// every key behind one lock (before, every write of every key waited for as
+/// long as the transaction stayed open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_lock_left_open_in_psql_holds_up_only_its_own_key() {
+    let second = |c: &mut chuzhan_gate::config::Config| c.ledger.lock_timeout_ms = 1_000;
+    let Some(f) = fleet_with(SimConfig::default(), &second).await else {
+        return;
+    };
+    let (held_id, held) = f.create_key(json!({"name": "held", "budget": 1000})).await;
+    let (_, free) = f.create_key(json!({"name": "free", "budget": 1000})).await;
+    for s in [&held, &free] {
+        let v = f.post(&f.a, "/aiapi/v1/draw", s, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+    }
+    let db = f.db().await;
+    db.batch_execute(&format!(
+        "BEGIN; SELECT 1 FROM {}.accounts WHERE key = '{held_id}' FOR UPDATE",
+        f.schema
+    ))
+    .await
+    .unwrap();
+    let before = f.submits();
+    // The held key is drawn on all the while, by four clients.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drawers: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url, secret, stop) = (
+                f.http.clone(),
+                format!("http://{}/aiapi/v1/draw", f.a.addr),
+                held.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let v: Value = http
+                        .post(&url)
+                        .header("Auth-Token", &secret)
+                        .body(SEED_768)
+                        .send()
+                        .await
+                        .unwrap()
+                        .json()
+                        .await
+                        .unwrap();
+                    codes.push(v["code"].clone());
+                }
+                codes
+            })
+        })
+        .collect();
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let asked = std::time::Instant::now();
+        let v = tokio::time::timeout(
+            Duration::from_secs(10),
+            f.post(&f.a, "/aiapi/v1/draw", &free, SEED_768),
+        )
+        .await
+        .expect("a draw of another key waited 10 s behind the held lock");
+        assert_eq!(v["code"], 0, "{v}");
+        if asked.elapsed() > Duration::from_millis(800) {
+            slow.push(asked.elapsed());
+        }
+    }
+    assert!(
+        slow.len() <= 2,
+        "draws of another key waited on the held lock: {slow:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut codes = Vec::new();
+    for d in drawers {
+        codes.extend(d.await.unwrap());
+    }
+    assert!(!codes.is_empty());
+    assert!(
+        codes.iter().all(|c| c == 1),
+        "the held key's draws are refused, not charged: {codes:?}"
+    );
+    assert_eq!(
+        f.submits() - before,
+        20,
+        "only the free key's draws went upstream"
+    );
+    // Released: the held key draws again.
+    db.batch_execute("ROLLBACK").await.unwrap();
+    let v = f.post(&f.a, "/aiapi/v1/draw", &held, SEED_768).await;
+    assert_eq!(v["code"], 0, "{v}");
+    f.assert_books_clean().await;
+}

@@ -192,6 +192,10 @@ pub struct LedgerConfig {
     /// failover, a restart) before it is answered with an error and its
     /// reservation is left to `pending_policy`.
     pub settle_retry_secs: u64,
+    /// With PostgreSQL, how long a statement of the gate waits for a row lock
+    /// held elsewhere (an operator's open transaction) before it fails: the
+    /// session's `lock_timeout`. 0 waits for ever.
+    pub lock_timeout_ms: u64,
 }
 
 impl Default for LedgerConfig {
@@ -209,6 +213,7 @@ impl Default for LedgerConfig {
             schema: None,
             key_poll_secs: 1,
             settle_retry_secs: 10,
+            lock_timeout_ms: 2_000,
         }
     }
 }

@@ -25,6 +25,13 @@
 //!   and a task registration is `ON CONFLICT DO NOTHING`.
 //! - **One job** queued alone (a quiet gate) runs as a single autocommit
 //!   statement, as before batching: one round trip, no `BEGIN`/`COMMIT`.
+//! - **A lock held elsewhere** (an operator's open transaction in `psql`) would
+//!   hold every batch that touches its account, and every job queued behind
+//!   it, for as long as it is held. Each session waits for a lock at most
+//!   `ledger.lock_timeout_ms`; a batch that timed out is rolled back like any
+//!   other, and for [`HOLD_BACK`] afterwards the jobs of its accounts are
+//!   answered [`Batched::Alone`] at once, so that they wait on their own
+//!   account's lock only, in their callers' statements, not in everyone's batch.
 
 use super::{GroupCommits, LedgerError};
 use deadpool_postgres::Pool;
@@ -38,6 +45,10 @@ use tokio_postgres::Row;
 
 /// At most this many jobs in one transaction.
 const MAX_BATCH: usize = 128;
+
+/// How long the accounts of a batch that waited out its lock timeout are kept
+/// out of batches.
+pub(super) const HOLD_BACK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Locks every account of a batch, in key order, before any job runs (also
 /// the heal's lock, `PgLedger::heal_in_flight`).
@@ -141,22 +152,45 @@ async fn serve(
     commits: Arc<GroupCommits>,
 ) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
+    // Accounts whose batch waited out its lock timeout, until when.
+    let mut held_back: std::collections::HashMap<String, tokio::time::Instant> =
+        std::collections::HashMap::new();
     while let Some(first) = rx.recv().await {
-        jobs.push(first);
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+        let now = tokio::time::Instant::now();
+        held_back.retain(|_, until| *until > now);
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            if held_back.contains_key(&job.account) {
+                let _ = job.reply.send(Err(Batched::Alone));
+            } else {
+                jobs.push(job);
             }
+            if jobs.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if jobs.is_empty() {
+            continue;
         }
         let answers: Vec<Result<Vec<Row>, Batched>> = match run_batch(&pool, &sql, &jobs).await {
             Ok(answers) => {
                 commits.committed(answers.len());
                 answers.into_iter().map(Ok).collect()
             }
-            Err(why) => {
+            Err((why, lock_timeout)) => {
                 if matches!(why, Batched::Alone) && jobs.len() > 1 {
                     commits.rolled_back();
+                }
+                if lock_timeout {
+                    let until = tokio::time::Instant::now() + HOLD_BACK;
+                    for j in &jobs {
+                        held_back.insert(j.account.clone(), until);
+                    }
+                    tracing::warn!(
+                        accounts = jobs.len(),
+                        "a ledger batch waited out its lock timeout (a lock held elsewhere); \
+                         its accounts are written outside batches for a while"
+                    );
                 }
                 jobs.iter().map(|_| Err(why.clone())).collect()
             }
@@ -176,18 +210,23 @@ type Pending<'a> = Pin<
     >,
 >;
 
+/// Whether a statement failed for waiting out `lock_timeout`.
+fn lock_timed_out(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+}
+
 /// Applies `jobs` in one transaction; the rows of each job's statement, in
-/// order, or why none.
-async fn run_batch(pool: &Pool, sql: &Sql, jobs: &[Job]) -> Result<Vec<Vec<Row>>, Batched> {
+/// order, or why none, and whether it was for a lock timeout.
+async fn run_batch(pool: &Pool, sql: &Sql, jobs: &[Job]) -> Result<Vec<Vec<Row>>, (Batched, bool)> {
     let client = pool
         .get()
         .await
-        .map_err(|e| Batched::Failed(format!("ledger pool: {e}")))?;
+        .map_err(|e| (Batched::Failed(format!("ledger pool: {e}")), false))?;
     let mut stmts = Vec::with_capacity(4);
     for text in sql {
         stmts.push(client.prepare_cached(text).await.map_err(|e| {
             tracing::warn!(error = %e, "ledger batch: prepare failed");
-            Batched::Alone
+            (Batched::Alone, false)
         })?);
     }
     let params: Vec<Vec<&(dyn ToSql + Sync)>> = jobs.iter().map(|j| refs(&j.params)).collect();
@@ -199,14 +238,14 @@ async fn run_batch(pool: &Pool, sql: &Sql, jobs: &[Job]) -> Result<Vec<Vec<Row>>
             .map(|rows| vec![rows])
             .map_err(|e| {
                 tracing::debug!(error = %e, "ledger write failed; retrying alone");
-                Batched::Alone
+                (Batched::Alone, lock_timed_out(&e))
             });
     }
     let keys: Vec<&str> = jobs.iter().map(|j| j.account.as_str()).collect();
     let lock = client
         .prepare_cached(LOCK_ACCOUNTS)
         .await
-        .map_err(|_| Batched::Alone)?;
+        .map_err(|_| (Batched::Alone, false))?;
     let begin = client.batch_execute("BEGIN");
     let lock_params: [&(dyn ToSql + Sync); 1] = [&keys];
     let locked = client.query(&lock, &lock_params);
@@ -255,10 +294,10 @@ async fn run_batch(pool: &Pool, sql: &Sql, jobs: &[Job]) -> Result<Vec<Vec<Row>>
     let committed = commit.as_mut().take_output().and_then(Result::err);
     if let Some(e) = begun.or(lock_err).or(failed).or(committed) {
         tracing::warn!(error = %e, jobs = jobs.len(), "ledger batch rolled back; its writes run alone");
-        return Err(Batched::Alone);
+        return Err((Batched::Alone, lock_timed_out(&e)));
     }
     if out.len() != jobs.len() {
-        return Err(Batched::Alone);
+        return Err((Batched::Alone, false));
     }
     Ok(out)
 }

@@ -605,6 +605,9 @@ impl PgLedger {
             Durability::ProcessCrash => "off",
         };
         options.push(format!("-c synchronous_commit={commit}"));
+        // A lock held elsewhere (an open transaction in `psql`) must not hold
+        // the gate's writes, and through the group commit every key's, for ever.
+        options.push(format!("-c lock_timeout={}", cfg.lock_timeout_ms));
         pg_cfg.options(options.join(" "));
         if pg_cfg.get_connect_timeout().is_none() {
             pg_cfg.connect_timeout(std::time::Duration::from_secs(10));
@@ -697,6 +700,12 @@ impl PgLedger {
             .await
             .map_err(pg)?;
         let result = async {
+            // Replicas starting together wait here for the one migrating, for
+            // as long as it takes.
+            client
+                .batch_execute("SET lock_timeout = 0")
+                .await
+                .map_err(pg)?;
             if let Some(schema) = schema {
                 // The name was validated in `open`.
                 client
@@ -740,7 +749,8 @@ impl PgLedger {
             .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(pg);
-        result.and(unlock.map(|_| ()))
+        let reset = client.batch_execute("RESET lock_timeout").await.map_err(pg);
+        result.and(unlock.map(|_| ())).and(reset)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, LedgerError> {
