@@ -784,8 +784,8 @@ async fn a_keys_submit_rate_holds_across_replicas() {
 /// long as the transaction stayed open).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_lock_left_open_in_psql_holds_up_only_its_own_key() {
-    let second = |c: &mut chuzhan_gate::config::Config| c.ledger.lock_timeout_ms = 1_000;
-    let Some(f) = fleet_with(SimConfig::default(), &second).await else {
+    let one_second = |c: &mut chuzhan_gate::config::Config| c.ledger.lock_timeout_ms = 1_000;
+    let Some(f) = fleet_with(SimConfig::default(), &one_second).await else {
         return;
     };
     let (held_id, held) = f.create_key(json!({"name": "held", "budget": 1000})).await;
