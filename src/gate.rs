@@ -70,76 +70,80 @@ pub struct GateInner {
 }
 
 /// A settlement the upstream's answer decided but the shared store could not
-/// take while the request waited (see [`settle_write`]). The gate keeps it and
-/// [`settle_owed`] writes it once the store is back, so that the charge is what
-/// the upstream said and an accepted task is registered (and refunded if it
-/// fails), rather than the reservation being charged by `pending_policy` when
-/// it expires. Held in memory only: if the gate stops first, the policy applies.
+/// take while the request waited (see [`settle_write`]). The gate keeps it, by
+/// transfer id, and [`settle_owed`] writes it once the store is back, so that
+/// the charge is what the upstream said and an accepted task is registered
+/// (and refunded if it fails), rather than the reservation being charged by
+/// `pending_policy` when it expires. Held in memory only: if the gate stops
+/// first, the policy applies.
 #[derive(Debug, Clone)]
 pub struct Owed {
     key: Arc<ActiveKey>,
-    id: TransferId,
-    how: OwedHow,
+    how: Decided,
     reserved: Points,
 }
 
+/// The one ledger transition a settlement makes.
 #[derive(Debug, Clone)]
-enum OwedHow {
+enum Decided {
     /// Charge, registering the accepted task with it.
     Commit(Points, Option<Box<TaskRecord>>),
     Void,
 }
 
-/// Writes one settlement of the transfer `id`.
-async fn write_settlement(
-    ledger: &Ledger,
-    id: &TransferId,
-    how: &OwedHow,
-) -> Result<Settled, LedgerError> {
-    match how {
-        OwedHow::Commit(p, Some(rec)) => ledger.commit_task(id, *p, rec).await,
-        OwedHow::Commit(p, None) => ledger.commit(id, *p).await,
-        OwedHow::Void => ledger.void(id).await,
-    }
-}
-
-impl Owed {
-    /// The transition's name and points, as audited and counted.
-    fn transition(&self) -> (&'static str, Points) {
-        match &self.how {
-            OwedHow::Commit(p, _) => ("commit", *p),
-            OwedHow::Void => ("void", self.reserved),
+impl Decided {
+    async fn write(&self, ledger: &Ledger, id: &TransferId) -> Result<Settled, LedgerError> {
+        match self {
+            Decided::Commit(p, Some(rec)) => ledger.commit_task(id, *p, rec).await,
+            Decided::Commit(p, None) => ledger.commit(id, *p).await,
+            Decided::Void => ledger.void(id).await,
         }
     }
 }
 
-/// Writes the settlements kept by [`settle_write`] while the shared store was
-/// away, oldest first, until the store refuses one for being unreachable again.
-/// A settlement the ledger refuses otherwise (its reservation expired and was
+/// Counts and audits a settlement the ledger took: the points charged, or
+/// the reservation's points voided.
+async fn record_settlement(
+    gate: &Gate,
+    key: &ActiveKey,
+    id: &TransferId,
+    how: &Decided,
+    reserved: Points,
+    remaining: Points,
+) {
+    let (transition, kind, points) = match how {
+        Decided::Commit(p, _) => ("commit", "charged", *p),
+        Decided::Void => ("void", "voided", reserved),
+    };
+    gate.metrics.points(key.id.as_str(), kind, points.get());
+    audit_transition(gate, key, id, transition, points, remaining).await;
+}
+
+/// Writes the settlements kept by [`settle`] while the shared store was away,
+/// oldest first, until the store refuses one for being unreachable again. A
+/// settlement the ledger refuses otherwise (its reservation expired and was
 /// resolved by `pending_policy` meanwhile, on this replica or another) is
-/// dropped: the ledger has settled it. Returns how many were written.
-pub async fn settle_owed(gate: &Gate) -> usize {
+/// dropped: the ledger has settled it.
+pub async fn settle_owed(gate: &Gate) {
     let mut ids: Vec<TransferId> = gate.owed.iter().map(|e| e.key().clone()).collect();
     ids.sort();
-    let mut written = 0;
     for id in ids {
         let Some(owed) = gate.owed.get(&id).map(|e| e.value().clone()) else {
             continue;
         };
-        match write_settlement(&gate.ledger, &owed.id, &owed.how).await {
+        match owed.how.write(&gate.ledger, &id).await {
             Ok(settled) => {
                 gate.owed.remove(&id);
-                written += 1;
-                let (transition, points) = owed.transition();
-                let kind = if transition == "commit" {
-                    "charged"
-                } else {
-                    "voided"
-                };
-                gate.metrics
-                    .points(owed.key.id.as_str(), kind, points.get());
-                audit_transition(gate, &owed.key, &id, transition, points, settled.remaining).await;
-                tracing::warn!(transfer = %id, transition, "a settlement held back by a store outage was written");
+                record_settlement(
+                    gate,
+                    &owed.key,
+                    &id,
+                    &owed.how,
+                    owed.reserved,
+                    settled.remaining,
+                )
+                .await;
+                tracing::warn!(transfer = %id, "a settlement held back by a store outage was written");
             }
             Err(LedgerError::Storage(e)) => {
                 tracing::debug!(error = %e, "the shared store still does not take settlements");
@@ -151,7 +155,6 @@ pub async fn settle_owed(gate: &Gate) -> usize {
             }
         }
     }
-    written
 }
 
 impl std::ops::Deref for Gate {
@@ -1033,17 +1036,16 @@ async fn settle(
         // per task; the first poll loads it, and its end evicts it.
         (Some(p), Some(task_id)) if p.get() > 0 => {
             let rec = task_record(gate, key, ep, &r.id, task_id, &s, p, plan);
-            OwedHow::Commit(p, Some(Box::new(rec)))
+            Decided::Commit(p, Some(Box::new(rec)))
         }
-        (Some(p), _) => OwedHow::Commit(p, None),
-        (None, _) => OwedHow::Void,
+        (Some(p), _) => Decided::Commit(p, None),
+        (None, _) => Decided::Void,
     };
-    let settled = match settle_write(gate, || write_settlement(&gate.ledger, &r.id, &how)).await {
+    let settled = match settle_write(gate, &r.id, &how).await {
         Ok(settled) => settled,
         Err(e @ LedgerError::Storage(_)) if gate.cfg.ledger.shared() => {
             let owed = Owed {
                 key: Arc::clone(key),
-                id: r.id.clone(),
                 how,
                 reserved: r.points,
             };
@@ -1052,27 +1054,13 @@ async fn settle(
         }
         Err(e) => return Err(e),
     };
-    s.registered = matches!(how, OwedHow::Commit(_, Some(_)));
+    s.registered = matches!(how, Decided::Commit(_, Some(_)));
     gate.metrics.ledger_commit.observe(started.elapsed());
-    match charge {
-        Some(p) => gate.metrics.points(key.id.as_str(), "charged", p.get()),
-        None => gate
-            .metrics
-            .points(key.id.as_str(), "voided", r.points.get()),
-    }
     if charge.is_some() && s.upstream_points != quote.points {
         gate.metrics
             .price_drift(quote.points.get(), s.upstream_points.get());
     }
-    audit_transition(
-        gate,
-        key,
-        &r.id,
-        if charge.is_some() { "commit" } else { "void" },
-        charge.unwrap_or(r.points),
-        settled.remaining,
-    )
-    .await;
+    record_settlement(gate, key, &r.id, &how, r.points, settled.remaining).await;
     s.charged = charge.unwrap_or(Points::ZERO);
     s.remaining = settled.remaining;
     s.settled = Some(settled);
@@ -1087,15 +1075,11 @@ async fn settle(
 /// settlement it already holds (the first attempt may have committed before
 /// its reply was lost). The embedded ledger is not retried: its write failures
 /// stop it until a restart.
-async fn settle_write<F, Fut>(gate: &Gate, mut write: F) -> Result<Settled, LedgerError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Settled, LedgerError>>,
-{
+async fn settle_write(gate: &Gate, id: &TransferId, how: &Decided) -> Result<Settled, LedgerError> {
     let until = Instant::now() + Duration::from_secs(gate.cfg.ledger.settle_retry_secs);
     let mut pause = Duration::from_millis(50);
     loop {
-        match write().await {
+        match how.write(&gate.ledger, id).await {
             Err(LedgerError::Storage(e))
                 if gate.cfg.ledger.shared() && Instant::now() + pause < until =>
             {

@@ -100,16 +100,8 @@ impl Fleet {
     }
 
     async fn post(&self, gate: &Running, path: &str, secret: &str, body: &str) -> Value {
-        self.http
-            .post(format!("http://{}{}", gate.addr, path))
-            .header("Auth-Token", secret)
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        let url = format!("http://{}{}", gate.addr, path);
+        post_as(&self.http, &url, secret, body).await
     }
 
     /// Replica B's answer code for the key (its account, answered by the gate).
@@ -815,16 +807,7 @@ async fn a_row_lock_left_open_in_psql_holds_up_only_its_own_key() {
             tokio::spawn(async move {
                 let mut codes = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let v: Value = http
-                        .post(&url)
-                        .header("Auth-Token", &secret)
-                        .body(SEED_768)
-                        .send()
-                        .await
-                        .unwrap()
-                        .json()
-                        .await
-                        .unwrap();
+                    let v = post_as(&http, &url, &secret, SEED_768).await;
                     codes.push(v["code"].clone());
                 }
                 codes

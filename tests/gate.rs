@@ -390,16 +390,7 @@ async fn concurrent_submits_never_overspend() {
         let url = env.url("/aiapi/v1/draw");
         let secret = secret.clone();
         set.spawn(async move {
-            let v: Value = http
-                .post(url)
-                .header("Auth-Token", secret)
-                .body(draw_body(&format!("boy {i}")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = post_as(&http, &url, &secret, &draw_body(&format!("boy {i}"))).await;
             v["code"].as_i64().unwrap()
         });
     }

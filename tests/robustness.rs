@@ -1547,16 +1547,7 @@ async fn thousands_of_idle_connections_do_not_slow_a_draw() {
     // A fresh client, so the draw opens its own connection among the idle ones.
     let http = reqwest::Client::new();
     let started = Instant::now();
-    let v: Value = http
-        .post(env.url(DRAW))
-        .header("Auth-Token", &secret)
-        .body(SEED_768)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = post_as(&http, &env.url(DRAW), &secret, SEED_768).await;
     let took = started.elapsed();
     eprintln!("idle connections: {n} open (fd limit {limit}); a draw took {took:?}");
     assert_eq!(v["code"], 0, "{v}");

@@ -140,6 +140,20 @@ impl Env {
 
 pub const SEED_768: &str = r#"{"prompt":"one boy","modelStyleId":1,"width":768,"height":1024}"#;
 
+/// POSTs `body` to `url` with the key in `Auth-Token` and returns the JSON
+/// answer: for spawned tasks and fresh clients, which cannot borrow a fixture.
+pub async fn post_as(http: &reqwest::Client, url: &str, secret: &str, body: &str) -> Value {
+    http.post(url)
+        .header("Auth-Token", secret)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// The text of a gate's `/metrics` (on its admin listener).
 pub async fn metrics_of(http: &reqwest::Client, gate: &Running) -> String {
     http.get(format!("http://{}/metrics", gate.admin_addr))
