@@ -817,7 +817,7 @@ async fn a_row_lock_left_open_in_psql_holds_up_only_its_own_key() {
     // Without the hold-back every one of them waited 3-7 s; with it, the
     // first may wait out one batch's lock timeout (1 s), and a busy machine
     // may slow a few more: at most 4 of 20 above 0.9 s.
-    let mut slow = Vec::new();
+    let (mut slow, mut took) = (Vec::new(), Vec::new());
     for _ in 0..20 {
         let asked = std::time::Instant::now();
         let v = tokio::time::timeout(
@@ -827,10 +827,13 @@ async fn a_row_lock_left_open_in_psql_holds_up_only_its_own_key() {
         .await
         .expect("a draw of another key waited 10 s behind the held lock");
         assert_eq!(v["code"], 0, "{v}");
+        took.push(asked.elapsed());
         if asked.elapsed() > Duration::from_millis(900) {
             slow.push(asked.elapsed());
         }
     }
+    took.sort();
+    eprintln!("draws of another key during the held lock, fastest to slowest: {took:?}");
     assert!(
         slow.len() <= 4,
         "draws of another key waited on the held lock: {slow:?}"
