@@ -233,7 +233,7 @@ async fn render_metrics(gate: &Gate) -> String {
     let _ = writeln!(
         out,
         "# TYPE gate_settlements_held gauge\ngate_settlements_held {}",
-        gate.owed.len()
+        gate.held.len()
     );
     let audit = gate.audit.health();
     let _ = writeln!(

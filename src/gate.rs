@@ -12,16 +12,18 @@
 //! - a billable request is forwarded only after its reservation is durable;
 //! - every request runs in a task of its own, so a client that hangs up cannot leave
 //!   a reservation unsettled (hyper drops only the future that waits for it);
-//! - a settlement is durable before the client gets its answer.
+//! - a settlement is durable before the client gets its answer (in the ledger, or,
+//!   while a shared store is away, in the held settlements' file: `crate::held`).
 
 use crate::audit::Audit;
 use crate::clock::SharedClock;
 use crate::config::{Config, RejectStatus, UnknownOutcome};
 use crate::envelope::{self, Code};
+use crate::held::{Decided, Held, Owed};
 use crate::json_edit;
 use crate::keys::{ActiveKey, KeyCache};
 use crate::ledger::{IdemBegin, KeyTerms, Ledger, LedgerError, Settled, StoredAnswer, SubmitRate};
-use crate::points::{Points, TransferId};
+use crate::points::{KeyId, Points, TransferId};
 use crate::pricing::{self, Endpoint, PriceInputs, Priced, Quote};
 use crate::tasks::{self, TaskRecord, TaskState};
 use crate::upstream::client::{Answer, ForwardError, Upstream};
@@ -65,84 +67,46 @@ pub struct GateInner {
     /// Client for forwarding callbacks to clients (not the upstream's pool).
     pub callback_client: reqwest::Client,
     /// With a shared store: settlements the store did not take within
-    /// `ledger.settle_retry_secs`, written by [`settle_owed`] once it is back.
-    pub owed: dashmap::DashMap<TransferId, Owed>,
-}
-
-/// A settlement the upstream's answer decided but the shared store could not
-/// take while the request waited (see [`settle_write`]). The gate keeps it, by
-/// transfer id, and [`settle_owed`] writes it once the store is back, so that
-/// the charge is what the upstream said and an accepted task is registered
-/// (and refunded if it fails), rather than the reservation being charged by
-/// `pending_policy` when it expires. Held in memory only: if the gate stops
-/// first, the policy applies.
-#[derive(Debug, Clone)]
-pub struct Owed {
-    key: Arc<ActiveKey>,
-    how: Decided,
-    reserved: Points,
-}
-
-/// The one ledger transition a settlement makes.
-#[derive(Debug, Clone)]
-enum Decided {
-    /// Charge, registering the accepted task with it.
-    Commit(Points, Option<Box<TaskRecord>>),
-    Void,
-}
-
-impl Decided {
-    async fn write(&self, ledger: &Ledger, id: &TransferId) -> Result<Settled, LedgerError> {
-        match self {
-            Decided::Commit(p, Some(rec)) => ledger.commit_task(id, *p, rec).await,
-            Decided::Commit(p, None) => ledger.commit(id, *p).await,
-            Decided::Void => ledger.void(id).await,
-        }
-    }
+    /// `ledger.settle_retry_secs`, kept on disk too and written by
+    /// [`settle_owed`] once it is back.
+    pub held: Arc<Held>,
 }
 
 /// Counts and audits a settlement the ledger took: the points charged, or
 /// the reservation's points voided.
-async fn record_settlement(
-    gate: &Gate,
-    key: &ActiveKey,
-    id: &TransferId,
-    how: &Decided,
-    reserved: Points,
-    remaining: Points,
-) {
-    let (transition, kind, points) = match how {
-        Decided::Commit(p, _) => ("commit", "charged", *p),
-        Decided::Void => ("void", "voided", reserved),
+async fn record_settlement(gate: &Gate, owed: &Owed, remaining: Points) {
+    let (transition, kind, points) = match &owed.how {
+        Decided::Commit { points, .. } => ("commit", "charged", *points),
+        Decided::Void => ("void", "voided", owed.reserved),
     };
-    gate.metrics.points(key.id.as_str(), kind, points.get());
-    audit_transition(gate, key, id, transition, points, remaining).await;
+    gate.metrics.points(owed.key.as_str(), kind, points.get());
+    audit_transition(
+        gate,
+        &owed.key,
+        &owed.key_name,
+        &owed.transfer,
+        transition,
+        points,
+        remaining,
+    )
+    .await;
 }
 
-/// Writes the settlements kept by [`settle`] while the shared store was away,
-/// oldest first, until the store refuses one for being unreachable again. A
+/// Writes the settlements kept by [`settle`] while the shared store was away
+/// (and those an earlier run of the gate kept in its data directory), oldest
+/// first, until the store refuses one for being unreachable again. A
 /// settlement the ledger refuses otherwise (its reservation expired and was
-/// resolved by `pending_policy` meanwhile, on this replica or another) is
-/// dropped: the ledger has settled it.
+/// resolved by `pending_policy` meanwhile, on another replica) is dropped:
+/// the ledger has settled it.
 pub async fn settle_owed(gate: &Gate) {
-    let mut ids: Vec<TransferId> = gate.owed.iter().map(|e| e.key().clone()).collect();
-    ids.sort();
-    for id in ids {
-        let Some(owed) = gate.owed.get(&id).map(|e| e.value().clone()) else {
+    for id in gate.held.ids() {
+        let Some(owed) = gate.held.get(&id) else {
             continue;
         };
         match owed.how.write(&gate.ledger, &id).await {
             Ok(settled) => {
-                gate.owed.remove(&id);
-                record_settlement(
-                    gate,
-                    &owed.key,
-                    &id,
-                    &owed.how,
-                    owed.reserved,
-                    settled.remaining,
-                )
-                .await;
+                release_held(gate, &id).await;
+                record_settlement(gate, &owed, settled.remaining).await;
                 tracing::warn!(transfer = %id, "a settlement held back by a store outage was written");
             }
             Err(LedgerError::Storage(e)) => {
@@ -150,10 +114,16 @@ pub async fn settle_owed(gate: &Gate) {
                 break;
             }
             Err(e) => {
-                gate.owed.remove(&id);
+                release_held(gate, &id).await;
                 tracing::warn!(transfer = %id, error = %e, "a settlement held back by a store outage was already resolved by the ledger");
             }
         }
+    }
+}
+
+async fn release_held(gate: &Gate, id: &TransferId) {
+    if let Err(e) = gate.held.release(id).await {
+        tracing::error!(transfer = %id, error = %e, "cannot rewrite {}; the next start replays this settlement", crate::held::FILE);
     }
 }
 
@@ -353,7 +323,8 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
             };
             audit_transition(
                 gate,
-                &key,
+                &key.id,
+                key.name(),
                 &reservation.id,
                 "reserve",
                 reservation.points,
@@ -1036,31 +1007,62 @@ async fn settle(
         // per task; the first poll loads it, and its end evicts it.
         (Some(p), Some(task_id)) if p.get() > 0 => {
             let rec = task_record(gate, key, ep, &r.id, task_id, &s, p, plan);
-            Decided::Commit(p, Some(Box::new(rec)))
+            Decided::Commit {
+                points: p,
+                task: Some(Box::new(rec)),
+            }
         }
-        (Some(p), _) => Decided::Commit(p, None),
+        (Some(p), _) => Decided::Commit {
+            points: p,
+            task: None,
+        },
         (None, _) => Decided::Void,
     };
-    let settled = match settle_write(gate, &r.id, &how).await {
+    let owed = Owed {
+        transfer: r.id,
+        key: key.id.clone(),
+        key_name: key.name().to_owned(),
+        how,
+        reserved: r.points,
+    };
+    let settled = match settle_write(gate, &owed.transfer, &owed.how).await {
         Ok(settled) => settled,
         Err(e @ LedgerError::Storage(_)) if gate.cfg.ledger.shared() => {
-            let owed = Owed {
-                key: Arc::clone(key),
-                how,
-                reserved: r.points,
+            // The upstream has decided, the store cannot take it: hold it,
+            // durably, and answer as if it were written. The reservation
+            // already holds the points, so the request is paid for; the held
+            // settlement is written when the store is back, by this run or by
+            // the next start of this gate.
+            let charged = charge.unwrap_or(Points::ZERO);
+            let transfer = owed.transfer.clone();
+            return match gate.held.hold(owed).await {
+                Ok(()) => {
+                    tracing::warn!(transfer = %transfer, error = %e, "settlement held until the store is back");
+                    s.charged = charged;
+                    // What will remain once it is written, as far as this
+                    // request can tell.
+                    s.remaining =
+                        Points((r.remaining.get() + r.points.get()).saturating_sub(charged.get()));
+                    s.note = Some(format!(
+                        "settlement held until the ledger's store is back: {e}"
+                    ));
+                    Ok(s)
+                }
+                Err(io) => {
+                    tracing::error!(transfer = %transfer, error = %io, "cannot keep a held settlement on disk; it is held in memory only");
+                    Err(e)
+                }
             };
-            gate.owed.insert(r.id, owed);
-            return Err(e);
         }
         Err(e) => return Err(e),
     };
-    s.registered = matches!(how, Decided::Commit(_, Some(_)));
+    s.registered = matches!(owed.how, Decided::Commit { task: Some(_), .. });
     gate.metrics.ledger_commit.observe(started.elapsed());
     if charge.is_some() && s.upstream_points != quote.points {
         gate.metrics
             .price_drift(quote.points.get(), s.upstream_points.get());
     }
-    record_settlement(gate, key, &r.id, &how, r.points, settled.remaining).await;
+    record_settlement(gate, &owed, settled.remaining).await;
     s.charged = charge.unwrap_or(Points::ZERO);
     s.remaining = settled.remaining;
     s.settled = Some(settled);
@@ -1307,9 +1309,11 @@ async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
 }
 
 /// One audit record per ledger transition of a request (reserve, commit, void).
+#[allow(clippy::too_many_arguments)] // The record's fields, one by one.
 async fn audit_transition(
     gate: &Gate,
-    key: &ActiveKey,
+    key: &KeyId,
+    key_name: &str,
     id: &TransferId,
     transition: &'static str,
     points: Points,
@@ -1319,8 +1323,8 @@ async fn audit_transition(
     m.insert("event".into(), Value::from("ledger"));
     m.insert("transition".into(), Value::from(transition));
     m.insert("request_id".into(), Value::from(id.as_str()));
-    m.insert("key_id".into(), Value::from(key.id.as_str()));
-    m.insert("key_name".into(), Value::from(key.name()));
+    m.insert("key_id".into(), Value::from(key.as_str()));
+    m.insert("key_name".into(), Value::from(key_name));
     m.insert("points".into(), Value::from(points.get()));
     m.insert("remaining".into(), Value::from(remaining.get()));
     if let Err(e) = gate.audit.record(m).await {

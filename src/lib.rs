@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod envelope;
 pub mod gate;
+pub mod held;
 pub mod json_edit;
 pub mod keys;
 pub mod ledger;

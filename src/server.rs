@@ -44,6 +44,17 @@ pub enum StartError {
     /// The upstream client could not be built.
     #[error("upstream: {0}")]
     Upstream(#[from] crate::upstream::client::ForwardError),
+    /// The data directory holds settlements for a shared store, and the gate
+    /// is not configured with one.
+    #[error(
+        "the data directory's {file} holds {0} settlement(s) held back during an outage of \
+         the PostgreSQL ledger: start the gate with that ledger to write them",
+        file = crate::held::FILE
+    )]
+    HeldWithoutSharedStore(usize),
+    /// The held settlements' file cannot be read.
+    #[error("held settlements: {0}")]
+    Held(#[from] crate::held::HeldError),
     /// The data directory could not be created.
     #[error("data directory {0}: {1}")]
     DataDir(String, std::io::Error),
@@ -74,7 +85,14 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| StartError::DataDir(cfg.data_dir.display().to_string(), e))?;
-    let ledger = Ledger::open(&cfg.ledger, clock.clone()).await?;
+    // Settlements an earlier run held back during a store outage: written
+    // below, before anything is served; their reservations are spared by the
+    // ledger's crash recovery, which would otherwise apply `pending_policy`.
+    let held = crate::held::Held::open(&cfg.data_dir)?;
+    if !held.is_empty() && !cfg.ledger.shared() {
+        return Err(StartError::HeldWithoutSharedStore(held.len()));
+    }
+    let ledger = Ledger::open_sparing(&cfg.ledger, clock.clone(), &held.ids()).await?;
     // Read back from the store, not the config: what a power cut could cost.
     match ledger.durability().await? {
         Durability::PowerLoss => tracing::info!(
@@ -147,8 +165,15 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
         limits: crate::limits::Limits::new(!shared_store),
         workflows: Default::default(),
         callback_client,
-        owed: Default::default(),
+        held: Arc::new(held),
     });
+    if !gate.held.is_empty() {
+        tracing::warn!(
+            count = gate.held.len(),
+            "writing settlements an earlier run held back during a store outage"
+        );
+        crate::gate::settle_owed(&gate).await;
+    }
     for (key, n) in open_tasks {
         gate.limits.restore(&key, n);
     }
@@ -316,7 +341,7 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>) {
         if gate.cfg.ledger.shared() {
             // In a task of its own: a write to a store that is still away may
             // wait for a connection timeout.
-            if !gate.owed.is_empty() && owed.as_ref().is_none_or(|o| o.is_finished()) {
+            if !gate.held.is_empty() && owed.as_ref().is_none_or(|o| o.is_finished()) {
                 let gate = gate.clone();
                 owed = Some(tokio::spawn(async move {
                     crate::gate::settle_owed(&gate).await;

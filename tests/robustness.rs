@@ -271,6 +271,35 @@ impl ChildGate {
         }
     }
 
+    /// Makes a key through the admin API: its id and secret.
+    async fn key(
+        &self,
+        http: &reqwest::Client,
+        admin_token: &str,
+        body: Value,
+    ) -> (String, String) {
+        let (s, key, _) = admin_call(
+            http,
+            self.admin,
+            admin_token,
+            Method::POST,
+            "/admin/keys",
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, 201, "{key}");
+        let id = key["id"].as_str().unwrap().to_owned();
+        (id, key["key"].as_str().unwrap().to_owned())
+    }
+
+    /// A key's account, from the admin API.
+    async fn account(&self, http: &reqwest::Client, admin_token: &str, id: &str) -> Value {
+        let path = format!("/admin/keys/{id}");
+        admin_call(http, self.admin, admin_token, Method::GET, &path, None)
+            .await
+            .1
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -461,18 +490,13 @@ async fn crash_under_load(store: Store) {
     env.extend(store.env(data.path()));
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     let http = reqwest::Client::new();
-    let (s, key, _) = admin_call(
-        &http,
-        gate.admin,
-        admin_token,
-        Method::POST,
-        "/admin/keys",
-        Some(json!({"name": "load", "budget": 1_000_000})),
-    )
-    .await;
-    assert_eq!(s, 201, "{key}");
-    let id = key["id"].as_str().unwrap().to_owned();
-    let secret = key["key"].as_str().unwrap().to_owned();
+    let (id, secret) = gate
+        .key(
+            &http,
+            admin_token,
+            json!({"name": "load", "budget": 1_000_000}),
+        )
+        .await;
 
     // 16 clients draw as fast as they can; count the successes they were told of.
     let stop = Arc::new(AtomicBool::new(false));
@@ -620,18 +644,9 @@ async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
     let env = gate_env(&sim, data.path(), admin_token);
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     let http = reqwest::Client::new();
-    let (s, key, _) = admin_call(
-        &http,
-        gate.admin,
-        admin_token,
-        Method::POST,
-        "/admin/keys",
-        Some(json!({"name": "drain", "budget": 100})),
-    )
-    .await;
-    assert_eq!(s, 201, "{key}");
-    let id = key["id"].as_str().unwrap().to_owned();
-    let secret = key["key"].as_str().unwrap().to_owned();
+    let (id, secret) = gate
+        .key(&http, admin_token, json!({"name": "drain", "budget": 100}))
+        .await;
     let url = format!("http://{}{DRAW}", gate.addr);
     let c = http.clone();
     let inflight = tokio::spawn(async move {
@@ -664,15 +679,7 @@ async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
     assert_eq!(v["data"]["used"], 12, "{v}");
 
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
-    let (_, acc, _) = admin_call(
-        &http,
-        gate.admin,
-        admin_token,
-        Method::GET,
-        &format!("/admin/keys/{id}"),
-        None,
-    )
-    .await;
+    let acc = gate.account(&http, admin_token, &id).await;
     assert_eq!(acc["spent"], 12, "{acc}");
     assert_eq!(acc["reserved"], 0, "{acc}");
     assert_eq!(gate.terminate().await, Some(0));
@@ -782,7 +789,11 @@ async fn gate_on_disk(disk: &SmallDisk, sim_cfg: SimConfig) -> (Env, Config, Str
 }
 
 fn submits(env: &Env) -> u64 {
-    env.sim.stats().submits.values().sum()
+    submitted(&env.sim)
+}
+
+fn submitted(sim: &SimHandle) -> u64 {
+    sim.stats().submits.values().sum()
 }
 
 /// A refusal for want of a ledger write, in the upstream's envelope (HTTP
@@ -1089,6 +1100,33 @@ impl CutRelay {
         }
     }
 
+    /// A relay to the server of the PostgreSQL `url`, and the same URL through
+    /// the relay.
+    async fn to_server_of(url: &str) -> (CutRelay, String) {
+        let pg: tokio_postgres::Config = url.parse().expect("GATE_TEST_POSTGRES_URL");
+        let target = match (pg.get_hosts().first(), pg.get_ports().first()) {
+            (Some(tokio_postgres::config::Host::Tcp(h)), port) => {
+                tokio::net::lookup_host((h.as_str(), port.copied().unwrap_or(5432)))
+                    .await
+                    .unwrap()
+                    .next()
+                    .unwrap()
+            }
+            _ => panic!("the outage tests need a TCP GATE_TEST_POSTGRES_URL: {url}"),
+        };
+        let relay = CutRelay::start(target).await;
+        let relay_url = format!(
+            "postgres://{}{}@127.0.0.1:{}/{}",
+            pg.get_user().unwrap_or("postgres"),
+            pg.get_password()
+                .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+                .unwrap_or_default(),
+            relay.addr.port(),
+            pg.get_dbname().unwrap_or("postgres"),
+        );
+        (relay, relay_url)
+    }
+
     fn cut(&self) {
         self.open.store(false, Ordering::SeqCst);
         self.cuts.send_modify(|n| *n += 1);
@@ -1106,16 +1144,25 @@ impl Drop for CutRelay {
     }
 }
 
+/// Drops a test's schema when dropped, a failed test's included.
+struct DropSchema(String, String);
+
+impl Drop for DropSchema {
+    fn drop(&mut self) {
+        drop_schema_now(&self.0, &self.1);
+    }
+}
+
 /// Waits until the simulator has accepted `n` submits in all (a draw in
 /// flight has been reserved and forwarded): the store is cut while the
 /// simulator holds it (300 ms).
-async fn until_forwarded(env: &Env, n: u64) {
+async fn until_forwarded(sim: &SimHandle, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while submits(env) < n {
+    while submitted(sim) < n {
         assert!(Instant::now() < deadline, "the draw was never forwarded");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert_eq!(submits(env), n);
+    assert_eq!(submitted(sim), n);
 }
 
 /// The PostgreSQL ledger becomes unreachable while the gate serves (a failover,
@@ -1131,38 +1178,12 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     let Some(url) = postgres_url("the PostgreSQL outage test") else {
         return;
     };
-    let pg: tokio_postgres::Config = url.parse().expect("GATE_TEST_POSTGRES_URL");
-    let target = match (pg.get_hosts().first(), pg.get_ports().first()) {
-        (Some(tokio_postgres::config::Host::Tcp(h)), port) => {
-            tokio::net::lookup_host((h.as_str(), port.copied().unwrap_or(5432)))
-                .await
-                .unwrap()
-                .next()
-                .unwrap()
-        }
-        _ => panic!("the outage test needs a TCP GATE_TEST_POSTGRES_URL: {url}"),
-    };
-    let relay = CutRelay::start(target).await;
-    let relay_url = format!(
-        "postgres://{}{}@127.0.0.1:{}/{}",
-        pg.get_user().unwrap_or("postgres"),
-        pg.get_password()
-            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
-            .unwrap_or_default(),
-        relay.addr.port(),
-        pg.get_dbname().unwrap_or("postgres"),
-    );
+    let (relay, relay_url) = CutRelay::to_server_of(&url).await;
     let schema = format!(
         "outage_{}_{:08x}",
         std::process::id(),
         rand::random::<u32>()
     );
-    struct DropSchema(String, String);
-    impl Drop for DropSchema {
-        fn drop(&mut self) {
-            drop_schema_now(&self.0, &self.1);
-        }
-    }
     let _schema = DropSchema(url.clone(), schema.clone());
     let sim = start_sim(SimConfig {
         latency_ms: 300,
@@ -1206,7 +1227,7 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     // later, within `settle_retry_secs`. The draw is answered as if nothing
     // had happened, and charged what the upstream said.
     let in_flight = draw_in_flight();
-    until_forwarded(&env, 4).await;
+    until_forwarded(&env.sim, 4).await;
     relay.cut();
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.restore();
@@ -1225,26 +1246,28 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     assert_eq!(ledger.pending_count().await.unwrap(), 0);
 
     // An outage longer than `settle_retry_secs`: the draw upstream when the
-    // store went away is answered with an error, and the gate holds its
-    // settlement until the store is back.
+    // store went away is answered as the upstream answered it (its
+    // reservation pays for it), and the gate holds its settlement, on disk
+    // too, until the store is back.
     let in_flight = draw_in_flight();
-    until_forwarded(&env, 5).await;
+    until_forwarded(&env.sim, 5).await;
     relay.cut();
     let (status, v, held_id) = in_flight.await.unwrap();
+    assert_eq!((status, &v["code"]), (200, &json!(0)), "{v}");
+    assert_eq!(v["data"]["used"], 12, "{v}");
+    let held_task = v["data"]["paintingSign"]
+        .as_str()
+        .expect("the upstream's task id reaches the client")
+        .to_owned();
     assert!(
         metrics_of(&env.http, env.gate())
             .await
             .contains("gate_settlements_held 1"),
         "the settlement is held"
     );
-    assert!(is_ledger_refusal(status, &v), "{status} {v}");
-    assert!(
-        v["msg"]
-            .as_str()
-            .unwrap()
-            .starts_with("the gate could not record the settlement"),
-        "{v}"
-    );
+    let held_file = env.dir.path().join(chuzhan_gate::held::FILE);
+    let on_disk = std::fs::read_to_string(&held_file).expect("the held settlement is on disk");
+    assert!(on_disk.contains(&held_id), "{on_disk}");
 
     // While it is away: refused, promptly, and nothing is forwarded.
     for _ in 0..5 {
@@ -1300,6 +1323,13 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     assert!(metrics_of(&env.http, env.gate())
         .await
         .contains("gate_settlements_held 0"));
+    assert!(!held_file.exists(), "nothing is held, so there is no file");
+    let rec = ledger
+        .task(&held_task)
+        .await
+        .unwrap()
+        .expect("the held draw's task is registered with its charge");
+    assert_eq!(rec.charged.get(), 12);
     env.gate().gate.audit.flush().await.unwrap();
     let audited = chuzhan_gate::audit::query(
         &env.gate().gate.cfg.audit_dir(),
@@ -1330,6 +1360,133 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
         "every draw the upstream accepted is charged once, nothing else: {acc}"
     );
     assert_eq!(acc["reserved"], 0, "{acc}");
+}
+
+/// A gate that holds a settlement when its PostgreSQL ledger goes away, and is
+/// killed (SIGKILL) before the store is back, writes the settlement at its
+/// next start, before it serves: the draw the upstream accepted is charged
+/// what the upstream said, its task is registered and can be polled through
+/// the gate, and crash recovery leaves it alone. Recovery would otherwise
+/// apply `pending_policy`, here `void`, and give the draw away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_held_when_the_gate_is_killed_is_written_at_its_next_start() {
+    let Some(url) = postgres_url("the held-settlement crash test") else {
+        return;
+    };
+    let (relay, relay_url) = CutRelay::to_server_of(&url).await;
+    let schema = format!("held_{}_{:08x}", std::process::id(), rand::random::<u32>());
+    let _schema = DropSchema(url.clone(), schema.clone());
+    let sim = start_sim(SimConfig {
+        latency_ms: 300,
+        ..SimConfig::default()
+    })
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let admin_token = "held-admin-token-5c1e";
+    let config = data.path().join("gate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\nbackend = \"postgres\"\nurl = {relay_url:?}\nschema = {schema:?}\n\
+             instance = \"held-crash\"\npool_size = 4\nsettle_retry_secs = 1\n\
+             pending_policy = \"void\"\n"
+        ),
+    )
+    .unwrap();
+    let mut env = gate_env(&sim, data.path(), admin_token);
+    env.push(("GATE_CONFIG".into(), config.display().to_string()));
+    let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
+    let http = reqwest::Client::new();
+    let (id, secret) = gate
+        .key(&http, admin_token, json!({"name": "held", "budget": 1000}))
+        .await;
+    let draw = |addr: SocketAddr, path: &'static str, body: String| {
+        let (http, secret) = (http.clone(), secret.clone());
+        tokio::spawn(async move {
+            post_as(&http, &format!("http://{addr}{path}"), &secret, &body).await
+        })
+    };
+    let v = draw(gate.addr, DRAW, SEED_768.into()).await.unwrap();
+    assert_eq!(v["code"], 0, "{v}");
+
+    // The store goes away while a draw is upstream: the draw is answered,
+    // and its settlement is held, on disk.
+    let in_flight = draw(gate.addr, DRAW, SEED_768.into());
+    until_forwarded(&sim, 2).await;
+    relay.cut();
+    let v = in_flight.await.unwrap();
+    assert_eq!(v["code"], 0, "{v}");
+    let task = v["data"]["paintingSign"]
+        .as_str()
+        .expect("a task id")
+        .to_owned();
+    let held_file = data.path().join(chuzhan_gate::held::FILE);
+    assert!(held_file.exists(), "the held settlement is not on disk");
+
+    // Killed before the store is back; started again once it is.
+    drop(gate);
+    relay.restore();
+    let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
+    assert!(
+        !held_file.exists(),
+        "the gate served before writing what it held"
+    );
+    let acc = gate.account(&http, admin_token, &id).await;
+    assert_eq!(
+        (&acc["spent"], &acc["reserved"]),
+        (&json!(24), &json!(0)),
+        "both draws the upstream accepted are charged, once: {acc}"
+    );
+    let poll = json!({"taskId": task}).to_string();
+    let v = draw(gate.addr, "/aiapi/v1/task/detail", poll)
+        .await
+        .unwrap();
+    assert_eq!(v["code"], 0, "the held draw's task is the client's: {v}");
+    assert_eq!(gate.terminate().await, Some(0));
+    let (code, out) = ledger_verify(&env);
+    assert_eq!(code, Some(0), "{out}");
+    let store = Store::Postgres { url, schema };
+    let ((served, points), (recovered, _)) = store.commits_by_origin(data.path(), &id).await;
+    assert_eq!(
+        (served, points, recovered),
+        (2, 24, 0),
+        "crash recovery decided the held draw"
+    );
+}
+
+/// Held settlements belong to a PostgreSQL ledger: a data directory holding
+/// them does not start a gate on the embedded ledger (they would be lost), and
+/// a file the gate cannot read stops the start instead of being ignored.
+#[tokio::test]
+async fn held_settlements_the_gate_cannot_write_stop_its_start() {
+    use chuzhan_gate::held::{Decided, Held, Owed};
+    use chuzhan_gate::points::{KeyId, Points, TransferId};
+    use chuzhan_gate::server::StartError;
+    let sim = start_sim(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let held = Arc::new(Held::open(dir.path()).unwrap());
+    held.hold(Owed {
+        transfer: TransferId::fresh(),
+        key: KeyId("key_0000000000000001".into()),
+        key_name: "held".into(),
+        how: Decided::Void,
+        reserved: Points(12),
+    })
+    .await
+    .unwrap();
+    let cfg = gate_config(dir.path(), &sim.url(), "sim-token");
+    match chuzhan_gate::server::start(cfg.clone()).await {
+        Err(e @ StartError::HeldWithoutSharedStore(1)) => {
+            assert!(e.to_string().contains(chuzhan_gate::held::FILE), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a gate on the embedded ledger started over held settlements"),
+    }
+    std::fs::write(dir.path().join(chuzhan_gate::held::FILE), b"not json").unwrap();
+    assert!(matches!(
+        chuzhan_gate::server::start(cfg).await,
+        Err(StartError::Held(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------

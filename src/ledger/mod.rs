@@ -526,12 +526,24 @@ impl Ledger {
     /// reservations left pending by a crash according to the policy (SQLite:
     /// all of them; PostgreSQL: those owned by this `instance`), recording that.
     pub async fn open(cfg: &LedgerConfig, clock: SharedClock) -> Result<Ledger, LedgerError> {
+        Ledger::open_sparing(cfg, clock, &[]).await
+    }
+
+    /// As [`Ledger::open`], leaving the reservations `spare` pending: the gate
+    /// holds their settlements (`crate::held`) and writes them next, so the
+    /// policy must not decide them first. Only a shared store's gate holds
+    /// settlements; the embedded ledger is never given any.
+    pub async fn open_sparing(
+        cfg: &LedgerConfig,
+        clock: SharedClock,
+        spare: &[TransferId],
+    ) -> Result<Ledger, LedgerError> {
         let backend = match cfg.backend {
             BackendKind::Sqlite => {
                 Backend::Sqlite(sqlite::SqliteLedger::open(cfg, clock.clone()).await?)
             }
             BackendKind::Postgres => {
-                Backend::Postgres(postgres::PgLedger::open(cfg, clock.clone()).await?)
+                Backend::Postgres(postgres::PgLedger::open(cfg, clock.clone(), spare).await?)
             }
         };
         Ok(Ledger {

@@ -655,6 +655,7 @@ impl PgLedger {
     pub(super) async fn open(
         cfg: &LedgerConfig,
         clock: SharedClock,
+        spare: &[TransferId],
     ) -> Result<PgLedger, LedgerError> {
         let ledger = PgLedger::connect(cfg, clock)?;
         ledger.migrate(cfg.schema.as_deref()).await?;
@@ -668,9 +669,17 @@ impl PgLedger {
             .await
             .map_err(pg)?;
         drop(client);
-        if !orphans.is_empty() {
+        let mut left = Vec::with_capacity(orphans.len());
+        for row in orphans {
+            let id = TransferId(row.try_get(0).map_err(pg)?);
+            let reserved: i64 = row.try_get(1).map_err(pg)?;
+            if !spare.contains(&id) {
+                left.push((id, reserved));
+            }
+        }
+        if !left.is_empty() {
             tracing::warn!(
-                count = orphans.len(),
+                count = left.len(),
                 instance = %ledger.owner,
                 "resolving reservations this instance left pending"
             );
@@ -679,9 +688,7 @@ impl PgLedger {
             ledger.policy,
             "pending at startup (this instance stopped without settling it)",
         );
-        for row in orphans {
-            let id = TransferId(row.try_get(0).map_err(pg)?);
-            let reserved: i64 = row.try_get(1).map_err(pg)?;
+        for (id, reserved) in left {
             match ledger
                 .resolve(&id, to_u64(reserved), "recovery", &note)
                 .await
