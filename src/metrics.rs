@@ -96,6 +96,18 @@ pub struct Metrics {
     drift_requests: AtomicU64,
     drift_over: AtomicU64,
     drift_under: AtomicU64,
+    expiry_rounds: [AtomicU64; 3],
+}
+
+/// How a round of the expiry sweep (`server::sweep_expired`) ended.
+#[derive(Debug, Clone, Copy)]
+pub enum ExpiryRound {
+    /// It resolved what had expired (perhaps nothing).
+    Swept = 0,
+    /// The shared store had not been reachable long enough: it only checked it.
+    Waited = 1,
+    /// The store did not answer.
+    Failed = 2,
 }
 
 impl Metrics {
@@ -169,8 +181,21 @@ impl Metrics {
     }
 
     /// Render all metrics in the Prometheus text format.
+    /// One round of the expiry sweep ended.
+    pub fn expiry_round(&self, how: ExpiryRound) {
+        self.expiry_rounds[how as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
+        out.push_str("# TYPE gate_expiry_rounds_total counter\n");
+        for (i, outcome) in ["swept", "waited", "failed"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "gate_expiry_rounds_total{{outcome=\"{outcome}\"}} {}",
+                self.expiry_rounds[i].load(Ordering::Relaxed)
+            );
+        }
         out.push_str("# TYPE gate_requests_total counter\n");
         for e in self.requests.iter() {
             let (ep, d) = e.key();

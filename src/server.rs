@@ -306,6 +306,11 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>) {
     forget.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
     let mut trim = crate::memory::QuietTrim::default();
+    // Expired reservations are looked for every 10 s, or as often as they
+    // can expire when `pending_ttl_secs` is shorter; since when the store has
+    // answered every round (see `sweep_expired`).
+    let sweep_every = gate.cfg.ledger.pending_ttl_secs.clamp(1, 10);
+    let mut reachable_since: Option<Instant> = None;
     // The background check waits for the upstream, which may be slow: it runs
     // in a task of its own, one round at a time, so that it never holds up
     // the rest of the upkeep (key changes from other replicas, forgetting
@@ -368,14 +373,51 @@ async fn housekeeping(gate: Gate, mut stop: watch::Receiver<bool>) {
                 "free heap memory released"
             );
         }
-        if n % 10 == 0 {
-            match gate.ledger.expire_pending().await {
-                Ok(v) if !v.is_empty() => {
-                    tracing::warn!(count = v.len(), "expired pending reservations resolved")
-                }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "expiring reservations failed"),
+        if n % sweep_every == 0 {
+            reachable_since = sweep_expired(&gate, reachable_since).await;
+        }
+    }
+}
+
+/// How long a shared store must have answered every round of the expiry
+/// sweep before a replica resolves reservations by `pending_policy` again.
+const SWEEP_GRACE: Duration = Duration::from_secs(10);
+
+/// Resolves expired reservations by `pending_policy`. With a shared store,
+/// only once the store has answered every round for [`SWEEP_GRACE`]
+/// (`reachable_since`; until then a round only checks that it answers): after
+/// an outage, the replica that holds a reservation's settlement
+/// (`crate::held`) writes it within a second or two of the store's return,
+/// so the upstream's answer decides it, not another replica's sweep. This
+/// gate's own held settlements are spared outright. Returns since when the
+/// store has answered.
+async fn sweep_expired(gate: &Gate, reachable_since: Option<Instant>) -> Option<Instant> {
+    use crate::metrics::ExpiryRound;
+    let shared = gate.cfg.ledger.shared();
+    if shared && reachable_since.is_none_or(|t| t.elapsed() < SWEEP_GRACE) {
+        return match gate.ledger.ping().await {
+            Ok(()) => {
+                gate.metrics.expiry_round(ExpiryRound::Waited);
+                Some(reachable_since.unwrap_or_else(Instant::now))
             }
+            Err(_) => {
+                gate.metrics.expiry_round(ExpiryRound::Failed);
+                None
+            }
+        };
+    }
+    match gate.ledger.expire_pending_sparing(&gate.held.ids()).await {
+        Ok(v) => {
+            gate.metrics.expiry_round(ExpiryRound::Swept);
+            if !v.is_empty() {
+                tracing::warn!(count = v.len(), "expired pending reservations resolved");
+            }
+            reachable_since
+        }
+        Err(e) => {
+            gate.metrics.expiry_round(ExpiryRound::Failed);
+            tracing::error!(error = %e, "expiring reservations failed");
+            None
         }
     }
 }

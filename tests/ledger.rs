@@ -218,6 +218,7 @@ conformance!(
     resets_period_spend_lazily_at_window_boundaries,
     expires_pending_reservations_by_the_charge_policy,
     expires_pending_reservations_by_the_void_policy,
+    the_expiry_sweep_spares_reservations_whose_settlement_is_held,
     keeps_idempotency_records_scoped_to_the_key,
     answers_an_idempotency_key_left_in_flight_past_the_pending_ttl,
     stores_and_finds_key_records,
@@ -606,6 +607,32 @@ async fn expires_pending_reservations_by_the_charge_policy(fx: &Fx) {
     assert_eq!(expired.len(), 1);
     assert_eq!(l.pending_count().await.unwrap(), 0);
     assert_eq!(l.account(&k).await.unwrap().spent, Points(55));
+    assert_clean(&l).await;
+}
+
+async fn the_expiry_sweep_spares_reservations_whose_settlement_is_held(fx: &Fx) {
+    let clock = ManualClock::new(at("2026-11-23T10:00:00Z"));
+    let mut cfg = fx.cfg();
+    cfg.pending_ttl_secs = 60;
+    cfg.pending_policy = PendingPolicy::Void;
+    let l = fx.open_with(cfg, Arc::new(clock.clone())).await;
+    let k = key("key_spare");
+    l.open_account(&k, Points(100), Period::None, "admin", "")
+        .await
+        .unwrap();
+    l.reserve(&k, Points(30), &tid("held1")).await.unwrap();
+    l.reserve(&k, Points(20), &tid("lost1")).await.unwrap();
+    clock.advance(Duration::seconds(61));
+    let expired = l.expire_pending_sparing(&[tid("held1")]).await.unwrap();
+    assert_eq!(
+        expired.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+        [tid("lost1")]
+    );
+    assert_eq!(l.pending_count().await.unwrap(), 1);
+    // The held settlement is then written as the upstream decided it.
+    l.commit(&tid("held1"), Points(30)).await.unwrap();
+    let v = l.account(&k).await.unwrap();
+    assert_eq!((v.spent, v.reserved), (Points(30), Points(0)));
     assert_clean(&l).await;
 }
 

@@ -1144,6 +1144,27 @@ impl Drop for CutRelay {
     }
 }
 
+/// What an outage test needs: a relay to the PostgreSQL server of
+/// `GATE_TEST_POSTGRES_URL` and the URL through it, a fresh schema (its URL
+/// and name, dropped with the guard), and a simulator that holds each draw
+/// 300 ms, long enough to cut the store while it is upstream. `None`, said
+/// loudly, without a PostgreSQL URL.
+async fn outage(what: &str, prefix: &str) -> Option<(CutRelay, String, DropSchema, SimHandle)> {
+    let url = postgres_url(what)?;
+    let (relay, relay_url) = CutRelay::to_server_of(&url).await;
+    let schema = format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let sim = start_sim(SimConfig {
+        latency_ms: 300,
+        ..SimConfig::default()
+    })
+    .await;
+    Some((relay, relay_url, DropSchema(url, schema), sim))
+}
+
 /// Drops a test's schema when dropped, a failed test's included.
 struct DropSchema(String, String);
 
@@ -1169,27 +1190,17 @@ async fn until_forwarded(sim: &SimHandle, n: u64) {
 /// a restart, a network cut) and comes back. A draw upstream during a blip
 /// shorter than `settle_retry_secs` is answered normally. In a longer outage
 /// billed draws are refused before they are forwarded, promptly; a draw that
-/// was upstream when the store went away is answered with an error, and the
-/// gate holds its settlement and writes it once the store is back; the gate
+/// was upstream when the store went away is answered as the upstream answered
+/// it, and the gate holds its settlement and writes it once the store is back; the gate
 /// serves again by itself, and the books hold every draw the upstream
 /// accepted, charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_by_itself() {
-    let Some(url) = postgres_url("the PostgreSQL outage test") else {
+    let Some((relay, relay_url, db, sim)) = outage("the PostgreSQL outage test", "outage").await
+    else {
         return;
     };
-    let (relay, relay_url) = CutRelay::to_server_of(&url).await;
-    let schema = format!(
-        "outage_{}_{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    let _schema = DropSchema(url.clone(), schema.clone());
-    let sim = start_sim(SimConfig {
-        latency_ms: 300,
-        ..SimConfig::default()
-    })
-    .await;
+    let schema = db.1.clone();
     let dir = tempfile::tempdir().unwrap();
     let gate = pg_replica(&sim, &relay_url, &schema, dir.path(), "outage", &|c| {
         c.ledger.settle_retry_secs = 2;
@@ -1452,6 +1463,125 @@ async fn a_settlement_held_when_the_gate_is_killed_is_written_at_its_next_start(
         (2, 24, 0),
         "crash recovery decided the held draw"
     );
+}
+
+/// Reads one counter of a gate's `/metrics`.
+async fn metric(env: &Env, gate: &chuzhan_gate::server::Running, series: &str) -> u64 {
+    let text = metrics_of(&env.http, gate).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+/// An outage longer than `pending_ttl_secs`: when the store is back, the held
+/// draw's reservation and one a stopped replica left have both expired, and
+/// two replicas sweep expired reservations by `pending_policy` (`void` here).
+/// The replica holding the settlement spares it in its own sweep, and no
+/// replica sweeps before the store has answered it for `SWEEP_GRACE` (10 s),
+/// so the held settlement is written first and the upstream's answer decides
+/// it: charged, its task registered. The stopped replica's reservation is
+/// voided after the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_settlement_outlasting_its_reservations_ttl_is_still_the_upstreams() {
+    let Some((relay, relay_url, db, sim)) =
+        outage("the held-settlement expiry test", "heldttl").await
+    else {
+        return;
+    };
+    let (url, schema) = (db.0.clone(), db.1.clone());
+    let tweak = |c: &mut Config| {
+        c.ledger.settle_retry_secs = 1;
+        c.ledger.pending_ttl_secs = 1;
+        c.ledger.pending_policy = chuzhan_gate::ledger::PendingPolicy::Void;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = pg_replica(&sim, &relay_url, &schema, dir.path(), "ttl-a", &tweak)
+        .await
+        .expect("replica a");
+    let env = Env {
+        sim,
+        gate: Some(a),
+        dir,
+        http: reqwest::Client::new(),
+    };
+    let dir_b = tempfile::tempdir().unwrap();
+    let b = pg_replica(&env.sim, &relay_url, &schema, dir_b.path(), "ttl-b", &tweak)
+        .await
+        .expect("replica b");
+    let (id, secret) = env.key(json!({"name": "ttl", "budget": 1000})).await;
+    let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+    assert_eq!(v["code"], 0, "{v}");
+    // A reservation left by a replica that stopped (not through the relay).
+    let mut cfg_c = env.gate().gate.cfg.ledger.clone();
+    cfg_c.url = Some(url.clone());
+    cfg_c.instance = Some("ttl-c".into());
+    let c = chuzhan_gate::ledger::Ledger::open(&cfg_c, Arc::new(chuzhan_gate::clock::SystemClock))
+        .await
+        .unwrap();
+    let orphan = chuzhan_gate::points::TransferId::fresh();
+    c.reserve(
+        &chuzhan_gate::points::KeyId(id.clone()),
+        chuzhan_gate::points::Points(12),
+        &orphan,
+    )
+    .await
+    .unwrap();
+    drop(c);
+
+    let (http, draw_url) = (env.http.clone(), env.url(DRAW));
+    let in_flight = tokio::spawn(async move { post_as(&http, &draw_url, &secret, SEED_768).await });
+    until_forwarded(&env.sim, 2).await;
+    relay.cut();
+    let v = in_flight.await.unwrap();
+    assert_eq!(v["code"], 0, "{v}");
+    let task = v["data"]["paintingSign"].as_str().unwrap().to_owned();
+    // Both replicas have found the store away at a round of their sweeps (a
+    // round every second, as the reservations live 1 s).
+    const FAILED: &str = "gate_expiry_rounds_total{outcome=\"failed\"}";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&env, env.gate(), FAILED).await == 0 || metric(&env, &b, FAILED).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no sweep round failed during the cut"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.restore();
+    let back = Instant::now();
+    let held_file = env.dir.path().join(chuzhan_gate::held::FILE);
+    while held_file.exists() {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "the held settlement was not written within 10 s of the store's return"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ledger = &env.gate().gate.ledger;
+    assert!(
+        ledger.task(&task).await.unwrap().is_some(),
+        "the held draw's task is not registered: its reservation was swept first"
+    );
+    while ledger.pending_count().await.unwrap() > 0 {
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "the stopped replica's reservation was never swept"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let swept_after = back.elapsed();
+    assert!(
+        swept_after >= Duration::from_secs(9),
+        "a replica swept {swept_after:?} after the store came back, within the grace"
+    );
+    let acc = env.account(&id).await;
+    assert_eq!(
+        (&acc["spent"], &acc["reserved"]),
+        (&json!(24), &json!(0)),
+        "the two accepted draws charged, the orphan voided: {acc}"
+    );
+    let report = ledger.verify().await.unwrap();
+    assert!(report.is_clean(), "{:?}", report.mismatches);
+    b.shutdown().await;
 }
 
 /// Held settlements belong to a PostgreSQL ledger: a data directory holding

@@ -720,7 +720,17 @@ impl Ledger {
 
     /// Resolves reservations pending longer than `pending_ttl_secs` by the policy.
     pub async fn expire_pending(&self) -> Result<Vec<Settled>, LedgerError> {
-        dispatch!(self, b => b.expire_pending().await)
+        self.expire_pending_sparing(&[]).await
+    }
+
+    /// As [`Ledger::expire_pending`], leaving the reservations `spare` pending:
+    /// the gate holds their settlements (`crate::held`), decided by the
+    /// upstream's answer, and writes them next.
+    pub async fn expire_pending_sparing(
+        &self,
+        spare: &[TransferId],
+    ) -> Result<Vec<Settled>, LedgerError> {
+        dispatch!(self, b => b.expire_pending(spare).await)
     }
 
     /// Lets go of the in-memory copies of settled transfer chains that the

@@ -1156,7 +1156,10 @@ impl PgLedger {
         self.settle(id, how, actor, note, None).await
     }
 
-    pub(super) async fn expire_pending(&self) -> Result<Vec<Settled>, LedgerError> {
+    pub(super) async fn expire_pending(
+        &self,
+        spare: &[TransferId],
+    ) -> Result<Vec<Settled>, LedgerError> {
         let now = now_ms(&self.clock);
         let cutoff = now.saturating_sub(self.ttl_ms);
         let due = {
@@ -1174,6 +1177,9 @@ impl PgLedger {
         for row in due {
             let id = TransferId(row.try_get(0).map_err(pg)?);
             let reserved: i64 = row.try_get(1).map_err(pg)?;
+            if spare.contains(&id) {
+                continue;
+            }
             match self.resolve(&id, to_u64(reserved), "expiry", &note).await {
                 Ok(s) if !s.replay => out.push(s),
                 Ok(_) | Err(LedgerError::Conflict(_)) => {}

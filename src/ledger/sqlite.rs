@@ -1603,7 +1603,10 @@ impl SqliteLedger {
         self.settle(id, how, actor, note, None).await
     }
 
-    pub(super) async fn expire_pending(&self) -> Result<Vec<Settled>, LedgerError> {
+    pub(super) async fn expire_pending(
+        &self,
+        spare: &[TransferId],
+    ) -> Result<Vec<Settled>, LedgerError> {
         self.fail.check()?;
         let now = now_ms(&self.clock);
         let cutoff = now.saturating_sub(self.ttl_ms);
@@ -1611,6 +1614,7 @@ impl SqliteLedger {
             .chains
             .iter()
             .filter(|c| c.state == ChainState::Pending && c.created_ms <= cutoff)
+            .filter(|c| !spare.contains(c.key()))
             .map(|c| (c.key().clone(), c.reserved))
             .collect();
         let note = policy_note(self.policy, "pending longer than pending_ttl_secs");
