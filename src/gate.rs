@@ -74,22 +74,20 @@ pub struct GateInner {
 
 /// Counts and audits a settlement the ledger took: the points charged, or
 /// the reservation's points voided.
-async fn record_settlement(gate: &Gate, owed: &Owed, remaining: Points) {
-    let (transition, kind, points) = match &owed.how {
+async fn record_settlement(
+    gate: &Gate,
+    (key, key_name): (&KeyId, &str),
+    id: &TransferId,
+    how: &Decided,
+    reserved: Points,
+    remaining: Points,
+) {
+    let (transition, kind, points) = match how {
         Decided::Commit { points, .. } => ("commit", "charged", *points),
-        Decided::Void => ("void", "voided", owed.reserved),
+        Decided::Void => ("void", "voided", reserved),
     };
-    gate.metrics.points(owed.key.as_str(), kind, points.get());
-    audit_transition(
-        gate,
-        &owed.key,
-        &owed.key_name,
-        &owed.transfer,
-        transition,
-        points,
-        remaining,
-    )
-    .await;
+    gate.metrics.points(key.as_str(), kind, points.get());
+    audit_transition(gate, key, key_name, id, transition, points, remaining).await;
 }
 
 /// Writes the settlements kept by [`settle`] while the shared store was away
@@ -106,7 +104,15 @@ pub async fn settle_owed(gate: &Gate) {
         match owed.how.write(&gate.ledger, &id).await {
             Ok(settled) => {
                 release_held(gate, &id).await;
-                record_settlement(gate, &owed, settled.remaining).await;
+                record_settlement(
+                    gate,
+                    (&owed.key, &owed.key_name),
+                    &id,
+                    &owed.how,
+                    owed.reserved,
+                    settled.remaining,
+                )
+                .await;
                 tracing::warn!(transfer = %id, "a settlement held back by a store outage was written");
             }
             Err(LedgerError::Storage(e)) => {
@@ -1018,14 +1024,7 @@ async fn settle(
         },
         (None, _) => Decided::Void,
     };
-    let owed = Owed {
-        transfer: r.id,
-        key: key.id.clone(),
-        key_name: key.name().to_owned(),
-        how,
-        reserved: r.points,
-    };
-    let settled = match settle_write(gate, &owed.transfer, &owed.how).await {
+    let settled = match settle_write(gate, &r.id, &how).await {
         Ok(settled) => settled,
         Err(e @ LedgerError::Storage(_)) if gate.cfg.ledger.shared() => {
             // The upstream has decided, the store cannot take it: hold it,
@@ -1034,10 +1033,16 @@ async fn settle(
             // settlement is written when the store is back, by this run or by
             // the next start of this gate.
             let charged = charge.unwrap_or(Points::ZERO);
-            let transfer = owed.transfer.clone();
+            let owed = Owed {
+                transfer: r.id.clone(),
+                key: key.id.clone(),
+                key_name: key.name().to_owned(),
+                how,
+                reserved: r.points,
+            };
             return match gate.held.hold(owed).await {
                 Ok(()) => {
-                    tracing::warn!(transfer = %transfer, error = %e, "settlement held until the store is back");
+                    tracing::warn!(transfer = %r.id, error = %e, "settlement held until the store is back");
                     s.charged = charged;
                     // What will remain once it is written, as far as this
                     // request can tell.
@@ -1049,20 +1054,28 @@ async fn settle(
                     Ok(s)
                 }
                 Err(io) => {
-                    tracing::error!(transfer = %transfer, error = %io, "cannot keep a held settlement on disk; it is held in memory only");
+                    tracing::error!(transfer = %r.id, error = %io, "cannot keep a held settlement on disk; it is held in memory only");
                     Err(e)
                 }
             };
         }
         Err(e) => return Err(e),
     };
-    s.registered = matches!(owed.how, Decided::Commit { task: Some(_), .. });
+    s.registered = matches!(how, Decided::Commit { task: Some(_), .. });
     gate.metrics.ledger_commit.observe(started.elapsed());
     if charge.is_some() && s.upstream_points != quote.points {
         gate.metrics
             .price_drift(quote.points.get(), s.upstream_points.get());
     }
-    record_settlement(gate, &owed, settled.remaining).await;
+    record_settlement(
+        gate,
+        (&key.id, key.name()),
+        &r.id,
+        &how,
+        r.points,
+        settled.remaining,
+    )
+    .await;
     s.charged = charge.unwrap_or(Points::ZERO);
     s.remaining = settled.remaining;
     s.settled = Some(settled);
