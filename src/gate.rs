@@ -19,7 +19,7 @@ use crate::audit::Audit;
 use crate::clock::SharedClock;
 use crate::config::{Config, RejectStatus, UnknownOutcome};
 use crate::envelope::{self, Code};
-use crate::held::{Decided, Held, Owed};
+use crate::held::{Decided, Held, HeldAnswer, Owed};
 use crate::json_edit;
 use crate::keys::{ActiveKey, KeyCache};
 use crate::ledger::{IdemBegin, KeyTerms, Ledger, LedgerError, Settled, StoredAnswer, SubmitRate};
@@ -101,30 +101,93 @@ pub async fn settle_owed(gate: &Gate) {
         let Some(owed) = gate.held.get(&id) else {
             continue;
         };
-        match owed.how.write(&gate.ledger, &id).await {
-            Ok(settled) => {
-                release_held(gate, &id).await;
-                record_settlement(
-                    gate,
-                    (&owed.key, &owed.key_name),
-                    &id,
-                    &owed.how,
-                    owed.reserved,
-                    settled.remaining,
-                )
-                .await;
-                tracing::warn!(transfer = %id, "a settlement held back by a store outage was written");
-            }
-            Err(LedgerError::Storage(e)) => {
-                tracing::debug!(error = %e, "the shared store still does not take settlements");
-                break;
-            }
-            Err(e) => {
-                release_held(gate, &id).await;
-                tracing::warn!(transfer = %id, error = %e, "a settlement held back by a store outage was already resolved by the ledger");
+        if !owed.written {
+            match owed.how.write(&gate.ledger, &id).await {
+                Ok(settled) => {
+                    record_settlement(
+                        gate,
+                        (&owed.key, &owed.key_name),
+                        &id,
+                        &owed.how,
+                        owed.reserved,
+                        settled.remaining,
+                    )
+                    .await;
+                    tracing::warn!(transfer = %id, "a settlement held back by a store outage was written");
+                    // Kept until its answer, if any, is stored: the request
+                    // may still be attaching one.
+                    if let Err(e) = gate.held.mark_written(&id).await {
+                        tracing::error!(transfer = %id, error = %e, "cannot rewrite {}", crate::held::FILE);
+                    }
+                }
+                Err(LedgerError::Storage(e)) => {
+                    tracing::debug!(error = %e, "the shared store still does not take settlements");
+                    break;
+                }
+                Err(e) => {
+                    release_held(gate, &id).await;
+                    tracing::warn!(transfer = %id, error = %e, "a settlement held back by a store outage was already resolved by the ledger");
+                    continue;
+                }
             }
         }
+        if let Some(a) = &owed.answer {
+            match store_answer(gate, &owed.key, a).await {
+                Err(LedgerError::Storage(e)) => {
+                    tracing::debug!(error = %e, "the shared store still does not take answers");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(transfer = %id, error = %e, "an idempotent answer held back by a store outage was refused")
+                }
+                Ok(()) => {}
+            }
+        }
+        // An answer attached since `owed` was read keeps the entry for the
+        // next round.
+        if let Err(e) = gate
+            .held
+            .release_unless_answered(&id, owed.answer.is_some())
+            .await
+        {
+            tracing::error!(transfer = %id, error = %e, "cannot rewrite {}; the next start replays this settlement", crate::held::FILE);
+        }
     }
+}
+
+/// Holds an idempotent submit's answer with its held settlement, for
+/// [`settle_owed`] to store once the store is back. If the settlement was
+/// written meanwhile, the answer is stored at once, if the store takes it.
+async fn hold_answer(gate: &Gate, key: &KeyId, id: &TransferId, ik: &str, stored: StoredAnswer) {
+    let Ok(body) = String::from_utf8(stored.body) else {
+        return; // Not JSON text: the upstream's answers are.
+    };
+    let answer = HeldAnswer {
+        idem_key: ik.to_owned(),
+        status: stored.status,
+        body,
+    };
+    let attached = match gate.held.attach_answer(id, answer.clone()).await {
+        Ok(attached) => attached,
+        Err(e) => {
+            tracing::error!(transfer = %id, error = %e, "cannot keep an idempotent answer on disk");
+            true
+        }
+    };
+    if !attached {
+        if let Err(e) = store_answer(gate, key, &answer).await {
+            tracing::warn!(transfer = %id, error = %e, "an idempotent answer could not be stored");
+        }
+    }
+}
+
+/// Stores an idempotent submit's held answer for its key.
+async fn store_answer(gate: &Gate, key: &KeyId, a: &HeldAnswer) -> Result<(), LedgerError> {
+    let stored = StoredAnswer {
+        status: a.status,
+        body: a.body.clone().into_bytes(),
+    };
+    gate.ledger.idem_finish(key, &a.idem_key, &stored).await
 }
 
 async fn release_held(gate: &Gate, id: &TransferId) {
@@ -346,6 +409,9 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
             let sent_at = Instant::now();
             let fwd = forward(gate, &pq, &parts.headers, body).await;
             let latency = sent_at.elapsed();
+            // Kept only for an idempotent submit, whose answer may have to be
+            // held with its settlement.
+            let transfer = idem_key.as_ref().map(|_| reservation.id.clone());
             let settled = settle(gate, &key, ep, reservation, &quote, &fwd, plan).await;
             if matches!(&settled, Ok(s) if s.registered) {
                 gate.limits.keep(slot);
@@ -360,7 +426,14 @@ async fn life(gate: &Gate, req: Request<Incoming>, t: &mut Trace) -> Result<Outc
                             status: a.status,
                             body: a.body.to_vec(),
                         };
-                        let _ = gate.ledger.idem_finish(&key.id, ik, &stored).await;
+                        let done = gate.ledger.idem_finish(&key.id, ik, &stored).await;
+                        if let (Err(LedgerError::Storage(_)), Some(id), Ok(s)) =
+                            (done, &transfer, &settled)
+                        {
+                            if s.held {
+                                hold_answer(gate, &key.id, id, ik, stored).await;
+                            }
+                        }
                     }
                     _ => {
                         let _ = gate.ledger.idem_abandon(&key.id, ik).await;
@@ -883,6 +956,8 @@ fn upstream_reject(e: &ForwardError) -> Reject {
 
 /// What settling decided, for the reply and the audit.
 struct Settlement {
+    /// The settlement is held until the shared store is back (`crate::held`).
+    held: bool,
     charged: Points,
     upstream_points: Points,
     /// Whether an accepted task was registered (with its commit).
@@ -951,6 +1026,7 @@ async fn settle(
     plan: Option<tasks::CallbackPlan>,
 ) -> Result<Settlement, LedgerError> {
     let mut s = Settlement {
+        held: false,
         charged: Points::ZERO,
         upstream_points: quote.points,
         registered: false,
@@ -1039,10 +1115,13 @@ async fn settle(
                 key_name: key.name().to_owned(),
                 how,
                 reserved: r.points,
+                answer: None,
+                written: false,
             };
             return match gate.held.hold(owed).await {
                 Ok(()) => {
                     tracing::warn!(transfer = %r.id, error = %e, "settlement held until the store is back");
+                    s.held = true;
                     s.charged = charged;
                     // What will remain once it is written, as far as this
                     // request can tell.

@@ -5,7 +5,8 @@
 //! to settle it (a failover, a network cut). The upstream's answer has decided
 //! the settlement (a charge and the task's registration, or a void), but the
 //! store cannot take it. The gate keeps it here and writes it once the store
-//! is back (`gate::settle_owed`).
+//! is back (`gate::settle_owed`). An idempotent submit's answer, which the
+//! store could not take either, is held with it and stored after it.
 //!
 //! Each held settlement is also kept in `held-settlements.json` in the gate's
 //! data directory, synced before the client is answered. So a gate that stops
@@ -71,6 +72,25 @@ pub struct Owed {
     pub how: Decided,
     /// What the reservation holds (what a void releases).
     pub reserved: Points,
+    /// The client's answer, when it sent an `Idempotency-Key` and the store
+    /// could not take the answer either: stored once the settlement is
+    /// written, so that a retry with the key gets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<HeldAnswer>,
+    /// Whether the settlement itself is written (only the answer is left).
+    #[serde(default)]
+    pub written: bool,
+}
+
+/// An idempotent submit's answer, held with its settlement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeldAnswer {
+    /// The client's `Idempotency-Key`.
+    pub idem_key: String,
+    /// HTTP status.
+    pub status: u16,
+    /// The body (the upstream's JSON, as the client got it).
+    pub body: String,
 }
 
 /// The file's contents.
@@ -172,12 +192,52 @@ impl Held {
         self.persist().await
     }
 
+    /// Adds the client's answer to `id`'s held settlement. `Ok(false)`: it is
+    /// not held (any more).
+    pub async fn attach_answer(
+        self: &Arc<Self>,
+        id: &TransferId,
+        answer: HeldAnswer,
+    ) -> std::io::Result<bool> {
+        match self.by_id.get_mut(id) {
+            Some(mut o) => o.answer = Some(answer),
+            None => return Ok(false),
+        }
+        self.persist().await.map(|()| true)
+    }
+
+    /// Records that `id`'s settlement is written and only its answer is left.
+    pub async fn mark_written(self: &Arc<Self>, id: &TransferId) -> std::io::Result<()> {
+        if let Some(mut o) = self.by_id.get_mut(id) {
+            o.written = true;
+        }
+        self.persist().await
+    }
+
     /// Forgets `id` (written, or resolved by the ledger otherwise). An error
     /// leaves it in the file: the next start tries it again, and the ledger
     /// replays or refuses a settlement it already holds.
     pub async fn release(self: &Arc<Self>, id: &TransferId) -> std::io::Result<()> {
         self.by_id.remove(id);
         self.persist().await
+    }
+
+    /// As [`Held::release`], unless an answer was attached to `id` since the
+    /// caller read it (`answered`: whether it had one then): that answer is
+    /// still to be stored. Returns whether it was released.
+    pub async fn release_unless_answered(
+        self: &Arc<Self>,
+        id: &TransferId,
+        answered: bool,
+    ) -> std::io::Result<bool> {
+        if self
+            .by_id
+            .remove_if(id, |_, o| o.answer.is_some() == answered)
+            .is_none()
+        {
+            return Ok(false);
+        }
+        self.persist().await.map(|()| true)
     }
 
     async fn persist(self: &Arc<Self>) -> std::io::Result<()> {
@@ -223,6 +283,8 @@ mod tests {
             key_name: "one".into(),
             how,
             reserved: Points(12),
+            answer: None,
+            written: false,
         }
     }
 
@@ -261,6 +323,34 @@ mod tests {
         held.release(&TransferId("b".into())).await.unwrap();
         assert!(!dir.path().join(FILE).exists());
         assert!(Held::open(dir.path()).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_answer_attached_after_a_look_keeps_the_settlement_until_it_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Arc::new(Held::open(dir.path()).unwrap());
+        let id = TransferId("a".into());
+        held.hold(owed("a", Decided::Void)).await.unwrap();
+        let seen = held.get(&id).unwrap();
+        let answer = HeldAnswer {
+            idem_key: "k1".into(),
+            status: 200,
+            body: "{\"code\":0}".into(),
+        };
+        assert!(held.attach_answer(&id, answer.clone()).await.unwrap());
+        held.mark_written(&id).await.unwrap();
+        let again = Held::open(dir.path()).unwrap().get(&id).unwrap();
+        assert!(again.written);
+        assert_eq!(again.answer.unwrap().idem_key, "k1");
+        // Read before the answer came: not released.
+        let released = held
+            .release_unless_answered(&id, seen.answer.is_some())
+            .await
+            .unwrap();
+        assert!(!released);
+        assert!(held.release_unless_answered(&id, true).await.unwrap());
+        assert!(!held.attach_answer(&id, answer).await.unwrap());
+        assert!(!dir.path().join(FILE).exists());
     }
 
     #[test]

@@ -1219,12 +1219,14 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
         assert_eq!(v["code"], 0, "{v}");
     }
 
-    let draw_in_flight = || {
+    // Each with an Idempotency-Key of its own.
+    let draw_in_flight = |idem_key: &'static str| {
         let (http, draw_url, s) = (env.http.clone(), env.url(DRAW), secret.clone());
         tokio::spawn(async move {
             let r = http
                 .post(draw_url)
                 .header("Auth-Token", s)
+                .header("Idempotency-Key", idem_key)
                 .body(SEED_768)
                 .send()
                 .await
@@ -1237,7 +1239,7 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     // A blip: the store goes away while a draw is upstream and is back 0.5 s
     // later, within `settle_retry_secs`. The draw is answered as if nothing
     // had happened, and charged what the upstream said.
-    let in_flight = draw_in_flight();
+    let in_flight = draw_in_flight("blip-1");
     until_forwarded(&env.sim, 4).await;
     relay.cut();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1260,7 +1262,7 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
     // store went away is answered as the upstream answered it (its
     // reservation pays for it), and the gate holds its settlement, on disk
     // too, until the store is back.
-    let in_flight = draw_in_flight();
+    let in_flight = draw_in_flight("held-1");
     until_forwarded(&env.sim, 5).await;
     relay.cut();
     let (status, v, held_id) = in_flight.await.unwrap();
@@ -1362,6 +1364,21 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
         "{held:?}"
     );
     assert_eq!(held[1]["points"], 12);
+    // The held draw's answer was stored with it: a retry with its
+    // Idempotency-Key gets it again, and nothing more is sent upstream.
+    let sent = submits(&env);
+    let r = env
+        .http
+        .post(env.url(DRAW))
+        .header("Auth-Token", &secret)
+        .header("Idempotency-Key", "held-1")
+        .body(SEED_768)
+        .send()
+        .await
+        .unwrap();
+    let again: Value = r.json().await.unwrap();
+    assert_eq!(again["data"]["paintingSign"], held_task.as_str(), "{again}");
+    assert_eq!(submits(&env), sent);
     let report = ledger.verify().await.unwrap();
     assert!(report.is_clean(), "{:?}", report.mismatches);
     let acc = env.account(&id).await;
@@ -1601,6 +1618,8 @@ async fn held_settlements_the_gate_cannot_write_stop_its_start() {
         key_name: "held".into(),
         how: Decided::Void,
         reserved: Points(12),
+        answer: None,
+        written: false,
     })
     .await
     .unwrap();
