@@ -11,7 +11,8 @@
 //! Money safety rests on three rules kept here:
 //! - a billable request is forwarded only after its reservation is durable;
 //! - every request runs in a task of its own, so a client that hangs up cannot leave
-//!   a reservation unsettled (hyper drops only the future that waits for it);
+//!   a reservation unsettled (hyper drops only the future that waits for it), and a
+//!   stop waits for those tasks (`GateInner::requests`);
 //! - a settlement is durable before the client gets its answer (in the ledger, or,
 //!   while a shared store is away, in the held settlements' file: `crate::held`).
 
@@ -70,6 +71,9 @@ pub struct GateInner {
     /// `ledger.settle_retry_secs`, kept on disk too and written by
     /// [`settle_owed`] once it is back.
     pub held: Arc<Held>,
+    /// Every request's task ([`handle`]): a stop waits for them all, also
+    /// those whose client hung up and so hold no connection open.
+    pub requests: tokio_util::task::TaskTracker,
 }
 
 /// Counts and audits a settlement the ledger took: the points charged, or
@@ -281,7 +285,8 @@ enum Route {
 /// got as far as a reservation always reaches its settlement (and its audit
 /// record) instead of leaving points held until expiry.
 pub async fn handle(gate: Gate, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match tokio::spawn(serve(gate, req)).await {
+    let requests = gate.requests.clone();
+    match requests.spawn(serve(gate, req)).await {
         Ok(resp) => resp,
         Err(e) => {
             tracing::error!(error = %e, "request task failed");

@@ -166,6 +166,7 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
         workflows: Default::default(),
         callback_client,
         held: Arc::new(held),
+        requests: Default::default(),
     });
     if !gate.held.is_empty() {
         tracing::warn!(
@@ -503,9 +504,23 @@ async fn serve_loop<F, Fut>(
 impl Running {
     /// Stop accepting, drain in-flight requests, flush the audit log and the ledger.
     pub async fn shutdown(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(self.gate.cfg.limits.drain_secs);
         let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;
+        }
+        // Requests whose clients hung up run on with no connection for the
+        // drain to wait for: a paid draw among them still settles.
+        let requests = &self.gate.requests;
+        requests.close();
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        if tokio::time::timeout(wait, requests.wait()).await.is_err() {
+            tracing::warn!(
+                count = requests.len(),
+                "requests still running at the end of the drain; their reservations are left to recovery"
+            );
         }
         if let Err(e) = self.gate.audit.flush().await {
             tracing::error!(error = %e, "audit flush failed");

@@ -632,6 +632,43 @@ async fn the_served_binary_runs_jemalloc_with_its_background_thread() {
     }
 }
 
+/// A client that hangs up while its draw is upstream leaves the draw running
+/// in its own task, with no connection left for the drain to wait for. A
+/// SIGTERM then still lets it finish: the stop waits for every request task,
+/// so the draw is settled by the gate with the upstream's answer and its task
+/// registered, not left to crash recovery at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_a_draw_whose_client_hung_up() {
+    let sim = start_sim(SimConfig {
+        latency_ms: 800,
+        ..SimConfig::default()
+    })
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let admin_token = "hangup-admin-token-9d2c";
+    let env = gate_env(&sim, data.path(), admin_token);
+    let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
+    let http = reqwest::Client::new();
+    let (id, secret) = gate
+        .key(&http, admin_token, json!({"name": "hangup", "budget": 100}))
+        .await;
+    let url = format!("http://{}{DRAW}", gate.addr);
+    let (c, s) = (http.clone(), secret.clone());
+    let client = tokio::spawn(async move { post_as(&c, &url, &s, SEED_768).await });
+    until_forwarded(&sim, 1).await;
+    client.abort();
+    let _ = client.await;
+    assert_eq!(gate.terminate().await, Some(0), "SIGTERM exit code");
+    assert_eq!(ledger_verify(&env).0, Some(0));
+    let ((served, points), (recovered, _)) =
+        Store::Sqlite.commits_by_origin(data.path(), &id).await;
+    assert_eq!(
+        (served, points, recovered),
+        (1, 12, 0),
+        "the draw was not settled before the gate stopped"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
     let sim = start_sim(SimConfig {
