@@ -199,19 +199,25 @@ impl Held {
         id: &TransferId,
         answer: HeldAnswer,
     ) -> std::io::Result<bool> {
-        match self.by_id.get_mut(id) {
-            Some(mut o) => o.answer = Some(answer),
-            None => return Ok(false),
-        }
-        self.persist().await.map(|()| true)
+        self.change(id, |o| o.answer = Some(answer)).await
     }
 
     /// Records that `id`'s settlement is written and only its answer is left.
     pub async fn mark_written(self: &Arc<Self>, id: &TransferId) -> std::io::Result<()> {
-        if let Some(mut o) = self.by_id.get_mut(id) {
-            o.written = true;
+        self.change(id, |o| o.written = true).await.map(drop)
+    }
+
+    /// Changes `id`'s entry and makes that durable; `Ok(false)` if it is not held.
+    async fn change(
+        self: &Arc<Self>,
+        id: &TransferId,
+        f: impl FnOnce(&mut Owed),
+    ) -> std::io::Result<bool> {
+        match self.by_id.get_mut(id) {
+            Some(mut o) => f(&mut o),
+            None => return Ok(false),
         }
-        self.persist().await
+        self.persist().await.map(|()| true)
     }
 
     /// Forgets `id` (written, or resolved by the ledger otherwise). An error
