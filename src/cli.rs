@@ -277,6 +277,9 @@ async fn serve(cfg: Config) -> i32 {
     if cfg.upstream.token.is_empty() {
         tracing::warn!("GATE_UPSTREAM_TOKEN is not set: the upstream will refuse every request");
     }
+    if let Some(w) = crate::memory::overcommit_warning() {
+        tracing::warn!("{w}");
+    }
     let running = match crate::server::start(cfg).await {
         Ok(r) => r,
         Err(e) => {

@@ -230,3 +230,76 @@ pub async fn drop_schema(url: &str, schema: &str) {
         .await
         .expect("drop the test schema");
 }
+
+/// An admin API call with the bearer `token`: status, JSON body (or the text as a
+/// string), and the headers and text for messages.
+pub async fn admin_call(
+    http: &reqwest::Client,
+    admin: std::net::SocketAddr,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value, String) {
+    let mut req = http
+        .request(method, format!("http://{admin}{path}"))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let head = format!("{:?}", resp.headers());
+    let text = resp.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+    (status, v, format!("{head}\n{text}"))
+}
+
+/// A free loopback address (bound, then released) for a child process to listen on.
+pub fn free_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Waits until a child gate's admin listener answers `/healthz` with 200;
+/// `Err` with its exit status if it exited first. Panics after `limit`.
+pub async fn until_healthy(
+    child: &mut std::process::Child,
+    admin: std::net::SocketAddr,
+    limit: std::time::Duration,
+) -> Result<(), std::process::ExitStatus> {
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Err(st);
+        }
+        let url = format!("http://{admin}/healthz");
+        if http.get(url).send().await.is_ok_and(|r| r.status() == 200) {
+            return Ok(());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gate never became healthy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for a child to exit; panics after `limit`.
+pub async fn exit_of(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
