@@ -86,9 +86,10 @@ async fn record_settlement(
     reserved: Points,
     remaining: Points,
 ) {
-    let (transition, kind, points) = match how {
-        Decided::Commit { points, .. } => ("commit", "charged", *points),
-        Decided::Void => ("void", "voided", reserved),
+    let transition = how.transition();
+    let (kind, points) = match how {
+        Decided::Commit { points, .. } => ("charged", *points),
+        Decided::Void => ("voided", reserved),
     };
     gate.metrics.points(key.as_str(), kind, points.get());
     audit_transition(gate, key, key_name, id, transition, points, remaining).await;
@@ -108,15 +109,19 @@ pub async fn settle_owed(gate: &Gate) {
         if !owed.written {
             match owed.how.write(&gate.ledger, &id).await {
                 Ok(settled) => {
-                    record_settlement(
-                        gate,
-                        (&owed.key, &owed.key_name),
-                        &id,
-                        &owed.how,
-                        owed.reserved,
-                        settled.remaining,
-                    )
-                    .await;
+                    if settled.replay && already_audited(gate, &id, &owed.how).await {
+                        tracing::info!(transfer = %id, "a held settlement was already written and audited by an earlier run");
+                    } else {
+                        record_settlement(
+                            gate,
+                            (&owed.key, &owed.key_name),
+                            &id,
+                            &owed.how,
+                            owed.reserved,
+                            settled.remaining,
+                        )
+                        .await;
+                    }
                     tracing::warn!(transfer = %id, "a settlement held back by a store outage was written");
                     // Kept until its answer, if any, is stored: the request
                     // may still be attaching one.
@@ -156,6 +161,33 @@ pub async fn settle_owed(gate: &Gate) {
         {
             tracing::error!(transfer = %id, error = %e, "cannot rewrite {}; the next start replays this settlement", crate::held::FILE);
         }
+    }
+}
+
+/// Whether the audit log already has the record of held settlement `id`, which
+/// the ledger reports it had applied: a run killed after writing it but before
+/// rewriting the held file, or a write whose acknowledgement the store lost.
+/// Only the log can tell whether that run made the record; in doubt (no log, a
+/// read error, an id without a time) the record is made again, since a
+/// duplicate is easier to explain to an auditor than a gap.
+async fn already_audited(gate: &Gate, id: &TransferId, how: &Decided) -> bool {
+    let (Some(dir), Some(ms)) = (gate.audit.dir(), id.created_ms()) else {
+        return false;
+    };
+    let (dir, request_id, transition) = (dir.to_path_buf(), id.0.clone(), how.transition());
+    // Written after the reservation was made: a second's slack for file times.
+    let after = std::time::UNIX_EPOCH + Duration::from_millis(ms.saturating_sub(1_000));
+    let found = tokio::task::spawn_blocking(move || {
+        crate::audit::has_ledger_record(&dir, &request_id, transition, after)
+    })
+    .await;
+    match found {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!(transfer = %id, error = %e, "cannot search the audit log; recording the held settlement again");
+            false
+        }
+        Err(_) => false,
     }
 }
 

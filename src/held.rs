@@ -46,6 +46,14 @@ pub enum Decided {
 }
 
 impl Decided {
+    /// The audit log's name for the transition.
+    pub fn transition(&self) -> &'static str {
+        match self {
+            Decided::Commit { .. } => "commit",
+            Decided::Void => "void",
+        }
+    }
+
     /// Applies the transition to the ledger's chain `id`.
     pub async fn write(&self, ledger: &Ledger, id: &TransferId) -> Result<Settled, LedgerError> {
         match self {

@@ -51,6 +51,16 @@ impl KeyId {
     }
 }
 
+/// The time prefix of an id in the gate's format, or `None` for any other id:
+/// 32 lowercase hex digits starting with `0`, the first 12 of them milliseconds.
+pub fn created_ms(id: &str) -> Option<u64> {
+    let b = id.as_bytes();
+    if b.len() != 32 || b[0] != b'0' || !b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    u64::from_str_radix(&id[..12], 16).ok()
+}
+
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -87,6 +97,12 @@ impl TransferId {
     /// The id as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// When an id in the gate's format ([`TransferId::fresh`]) was made, in ms
+    /// since the epoch; `None` for any other id.
+    pub fn created_ms(&self) -> Option<u64> {
+        created_ms(&self.0)
     }
 }
 

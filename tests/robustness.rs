@@ -209,11 +209,6 @@ async fn a_client_hanging_up_mid_request_still_gets_its_draw_settled() {
 // ---------------------------------------------------------------------------
 
 /// A free port on 127.0.0.1 (bound, then released for the child to take).
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// A `chuzhan-gate serve` child process; killed (SIGKILL) when dropped.
 struct ChildGate {
     child: Child,
@@ -254,21 +249,10 @@ impl ChildGate {
             .spawn()
             .unwrap();
         let mut g = ChildGate { child, addr, admin };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = g.child.try_wait().unwrap() {
-                panic!("the gate exited at start: {st}");
-            }
-            let url = format!("http://{}/healthz", g.admin);
-            if let Ok(r) = http.get(url).send().await {
-                if r.status() == 200 {
-                    return g;
-                }
-            }
-            assert!(Instant::now() < deadline, "the gate never became healthy");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Err(st) = until_healthy(&mut g.child, admin, Duration::from_secs(20)).await {
+            panic!("the gate exited at start: {st}");
         }
+        g
     }
 
     /// Makes a key through the admin API: its id and secret.
@@ -311,17 +295,9 @@ impl ChildGate {
             .status()
             .unwrap();
         assert!(st.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the gate did not stop on SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        exit_of(&mut self.child, Duration::from_secs(20))
+            .await
+            .code()
     }
 }
 
@@ -330,28 +306,6 @@ impl Drop for ChildGate {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-async fn admin_call(
-    http: &reqwest::Client,
-    admin: SocketAddr,
-    token: &str,
-    method: Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value, String) {
-    let mut req = http
-        .request(method, format!("http://{admin}{path}"))
-        .bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let head = format!("{:?}", resp.headers());
-    let text = resp.text().await.unwrap();
-    let v = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
-    (status, v, format!("{head}\n{text}"))
 }
 
 fn ledger_verify(env: &[(String, String)]) -> (Option<i32>, String) {
@@ -632,6 +586,48 @@ async fn the_served_binary_runs_jemalloc_with_its_background_thread() {
     }
 }
 
+/// A `serve` child on the embedded ledger in front of a simulator that takes
+/// `latency_ms` to answer, with one key of 100 points: draws stay upstream long
+/// enough to stop the gate under them.
+struct SlowGate {
+    sim: SimHandle,
+    data: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    gate: ChildGate,
+    http: reqwest::Client,
+    admin_token: &'static str,
+    id: String,
+    secret: String,
+}
+
+impl SlowGate {
+    async fn start(latency_ms: u64, name: &str) -> SlowGate {
+        let sim = start_sim(SimConfig {
+            latency_ms,
+            ..SimConfig::default()
+        })
+        .await;
+        let data = tempfile::tempdir().unwrap();
+        let admin_token = "slow-gate-admin-token-9d2c";
+        let env = gate_env(&sim, data.path(), admin_token);
+        let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
+        let http = reqwest::Client::new();
+        let (id, secret) = gate
+            .key(&http, admin_token, json!({"name": name, "budget": 100}))
+            .await;
+        SlowGate {
+            sim,
+            data,
+            env,
+            gate,
+            http,
+            admin_token,
+            id,
+            secret,
+        }
+    }
+}
+
 /// A client that hangs up while its draw is upstream leaves the draw running
 /// in its own task, with no connection left for the drain to wait for. A
 /// SIGTERM then still lets it finish: the stop waits for every request task,
@@ -639,19 +635,16 @@ async fn the_served_binary_runs_jemalloc_with_its_background_thread() {
 /// registered, not left to crash recovery at the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_waits_for_a_draw_whose_client_hung_up() {
-    let sim = start_sim(SimConfig {
-        latency_ms: 800,
-        ..SimConfig::default()
-    })
-    .await;
-    let data = tempfile::tempdir().unwrap();
-    let admin_token = "hangup-admin-token-9d2c";
-    let env = gate_env(&sim, data.path(), admin_token);
-    let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
-    let http = reqwest::Client::new();
-    let (id, secret) = gate
-        .key(&http, admin_token, json!({"name": "hangup", "budget": 100}))
-        .await;
+    let SlowGate {
+        sim,
+        data,
+        env,
+        gate,
+        http,
+        admin_token: _,
+        id,
+        secret,
+    } = SlowGate::start(800, "hangup").await;
     let url = format!("http://{}{DRAW}", gate.addr);
     let (c, s) = (http.clone(), secret.clone());
     let client = tokio::spawn(async move { post_as(&c, &url, &s, SEED_768).await });
@@ -671,19 +664,16 @@ async fn sigterm_waits_for_a_draw_whose_client_hung_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
-    let sim = start_sim(SimConfig {
-        latency_ms: 500,
-        ..SimConfig::default()
-    })
-    .await;
-    let data = tempfile::tempdir().unwrap();
-    let admin_token = "drain-admin-token-77a0";
-    let env = gate_env(&sim, data.path(), admin_token);
-    let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
-    let http = reqwest::Client::new();
-    let (id, secret) = gate
-        .key(&http, admin_token, json!({"name": "drain", "budget": 100}))
-        .await;
+    let SlowGate {
+        sim: _sim,
+        data,
+        env,
+        gate,
+        http,
+        admin_token,
+        id,
+        secret,
+    } = SlowGate::start(500, "drain").await;
     let url = format!("http://{}{DRAW}", gate.addr);
     let c = http.clone();
     let inflight = tokio::spawn(async move {
@@ -875,6 +865,24 @@ async fn restart_and_check_the_books(
     accepted
 }
 
+/// After the ledger stopped: every billed draw is refused before it is
+/// forwarded, and `/readyz` answers 503. Returns what it says of the ledger.
+async fn refuses_closed(env: &Env, secret: &str) -> String {
+    let forwarded = submits(env);
+    for _ in 0..10 {
+        let (_, v, _) = env.post(DRAW, secret, SEED_768).await;
+        assert_eq!(
+            v["msg"], "the gate cannot record this charge right now; nothing was charged",
+            "{v}"
+        );
+    }
+    assert_eq!(submits(env), forwarded, "a draw was forwarded unreserved");
+    let ready = env.http.get(env.admin_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let why: Value = ready.json().await.unwrap();
+    why["ledger"].as_str().unwrap_or_default().to_owned()
+}
+
 /// The ledger's disk fills up under draws: the gate refuses from the first
 /// write it cannot make, forwards nothing it has not reserved, says why on
 /// `/readyz`, and once restarted with space again the books are whole.
@@ -905,26 +913,8 @@ async fn a_full_ledger_disk_stops_the_gate_closed_and_loses_no_charge() {
     let (status, v) = refusal.expect("5,000 draws on a full disk were all recorded");
     eprintln!("after {answered_ok} draws the gate refused: {status} {v}");
     assert!(is_ledger_refusal(status, &v), "{status} {v}");
-    // From then on every billed draw is refused before it is forwarded.
-    let forwarded = submits(&env);
-    for _ in 0..10 {
-        let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
-        assert_eq!(
-            v["msg"], "the gate cannot record this charge right now; nothing was charged",
-            "{v}"
-        );
-    }
-    assert_eq!(submits(&env), forwarded, "a draw was forwarded unreserved");
-    let ready = env.http.get(env.admin_url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
-    let why: Value = ready.json().await.unwrap();
-    assert!(
-        why["ledger"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("write failure"),
-        "{why}"
-    );
+    let why = refuses_closed(&env, &secret).await;
+    assert!(why.contains("write failure"), "{why}");
 
     let accepted = restart_and_check_the_books(&mut env, &disk, cfg, &id, filler).await;
     assert!(accepted >= answered_ok, "{accepted} < {answered_ok}");
@@ -1361,19 +1351,26 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
 
     // The held settlement is written once the store is back (its reservation
     // is far from expiring: `pending_policy` has no part in this), with the
-    // upstream's charge, and audited.
+    // upstream's charge, and audited. The ledger takes it first; the gate
+    // lets go of it (the gauge, then the file) only after the audit record
+    // and the stored answer, a moment later: all three are awaited.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while ledger.pending_count().await.unwrap() > 0 {
+    loop {
+        let written = ledger.pending_count().await.unwrap() == 0;
+        let released = metrics_of(&env.http, env.gate())
+            .await
+            .contains("gate_settlements_held 0");
+        let file = held_file.exists();
+        if written && released && !file {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "the held settlement was not written within 10 s of the store's return"
+            "the held settlement was not written and let go within 10 s of the store's return \
+             (written: {written}, released: {released}, file left: {file})"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(metrics_of(&env.http, env.gate())
-        .await
-        .contains("gate_settlements_held 0"));
-    assert!(!held_file.exists(), "nothing is held, so there is no file");
     let rec = ledger
         .task(&held_task)
         .await
@@ -2165,4 +2162,239 @@ async fn every_key_changing_admin_route_refuses_without_the_token() {
     let acc = env.account(&id).await;
     assert_eq!(acc["budget"], 100, "{acc}");
     draw_ok(&env, &secret).await;
+}
+
+/// A held settlement that the ledger reports it had already applied is audited
+/// exactly once: not again when an earlier run made the record (it was killed
+/// after writing the settlement, before rewriting the held file), and still
+/// once when nobody made it (the store applied the write but its
+/// acknowledgement was lost). The held file is made with the gate's own `Held`,
+/// as a run killed in that window leaves it.
+#[tokio::test]
+async fn a_held_settlement_the_ledger_already_has_is_audited_exactly_once() {
+    use chuzhan_gate::held::{Decided, Held, Owed};
+    use chuzhan_gate::points::{KeyId, Points, TransferId};
+    let Some(url) = postgres_url("the held-replay audit test") else {
+        return;
+    };
+    let schema = format!(
+        "held_audit_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let _schema = DropSchema(url.clone(), schema.clone());
+    let sim = start_sim(SimConfig::default()).await;
+    let data = tempfile::tempdir().unwrap();
+    let audit_on = |on: bool| move |c: &mut Config| c.audit.enabled = on;
+    let http = reqwest::Client::new();
+
+    // One draw audited as usual, one made while the audit log was off: the
+    // ledger has both settlements, the log only the first.
+    let mut draws = Vec::new();
+    let mut key = None;
+    for audited in [true, false] {
+        let gate = pg_replica(
+            &sim,
+            &url,
+            &schema,
+            data.path(),
+            "replay",
+            &audit_on(audited),
+        )
+        .await
+        .unwrap();
+        let (key_id, secret) = match &key {
+            Some(k) => k,
+            None => {
+                let body = json!({"name": "replayed", "budget": 1000});
+                let (status, v, _) = admin_call(
+                    &http,
+                    gate.admin_addr,
+                    ADMIN_TOKEN,
+                    Method::POST,
+                    "/admin/keys",
+                    Some(body),
+                )
+                .await;
+                assert_eq!(status, 201, "{v}");
+                let k = (
+                    v["id"].as_str().unwrap().to_owned(),
+                    v["key"].as_str().unwrap().to_owned(),
+                );
+                key.insert(k)
+            }
+        };
+        let r = http
+            .post(format!("http://{}{DRAW}", gate.addr))
+            .header("Auth-Token", secret.as_str())
+            .header("Content-Type", "application/json")
+            .body(draw_body("replayed"))
+            .send()
+            .await
+            .unwrap();
+        let request = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["code"], 0, "{v}");
+        draws.push((
+            TransferId(request),
+            key_id.clone(),
+            Points(v["data"]["used"].as_u64().unwrap()),
+        ));
+        gate.shutdown().await;
+    }
+    let commits = |id: &TransferId| {
+        chuzhan_gate::audit::query(&data.path().join("audit"), &Default::default())
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                r["event"] == "ledger" && r["transition"] == "commit" && r["request_id"] == id.0
+            })
+            .count()
+    };
+    assert_eq!(commits(&draws[0].0), 1);
+    assert_eq!(commits(&draws[1].0), 0);
+
+    let held = Arc::new(Held::open(data.path()).unwrap());
+    for (id, key_id, points) in &draws {
+        held.hold(Owed {
+            transfer: id.clone(),
+            key: KeyId(key_id.clone()),
+            key_name: "replayed".into(),
+            how: Decided::Commit {
+                points: *points,
+                task: None,
+            },
+            reserved: *points,
+            answer: None,
+            written: false,
+        })
+        .await
+        .unwrap();
+    }
+    drop(held);
+
+    let gate = pg_replica(&sim, &url, &schema, data.path(), "replay", &audit_on(true))
+        .await
+        .unwrap();
+    assert!(
+        !data.path().join(chuzhan_gate::held::FILE).exists(),
+        "the held settlements were written at start"
+    );
+    let path = format!("/admin/keys/{}", draws[0].1);
+    let (_, account, _) = admin_call(
+        &http,
+        gate.admin_addr,
+        ADMIN_TOKEN,
+        Method::GET,
+        &path,
+        None,
+    )
+    .await;
+    gate.shutdown().await;
+    let charged: u64 = draws.iter().map(|d| d.2.get()).sum();
+    assert_eq!(
+        account["spent"], charged,
+        "each draw charged once: {account}"
+    );
+    assert_eq!(commits(&draws[0].0), 1, "audited again after its replay");
+    assert_eq!(commits(&draws[1].0), 1, "never audited");
+}
+
+/// An ext4 file system on a loop device whose sparse image lives on a small
+/// tmpfs: once the tmpfs is full, the kernel's writeback of the file system's
+/// pages fails with an I/O error while writes into the page cache still
+/// succeed, so the first to learn of it is whoever calls `fsync`. The failure a
+/// disk can hand a process at any time, with no device-mapper needed.
+struct FailingDisk {
+    back: SmallDisk,
+    device: String,
+    mnt: tempfile::TempDir,
+}
+
+impl FailingDisk {
+    fn mount() -> Option<FailingDisk> {
+        let back = SmallDisk::mount("48m")?;
+        let image = back.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(256 << 20)
+            .unwrap();
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output()
+            .expect("run losetup");
+        assert!(out.status.success(), "losetup: {out:?}");
+        let device = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F", &device])
+            .output()
+            .expect("run mkfs.ext4");
+        assert!(mkfs.status.success(), "mkfs.ext4: {mkfs:?}");
+        let mnt = tempfile::tempdir().unwrap();
+        run_mount(&[&device], mnt.path());
+        Some(FailingDisk { back, device, mnt })
+    }
+
+    fn path(&self) -> &Path {
+        self.mnt.path()
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        // Lazily, in case a file is still open: the mount goes when it closes,
+        // and a busy loop device detaches itself once the mount is gone. `back`
+        // unmounts the tmpfs after this.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.mnt.path())
+            .status();
+        let _ = Command::new("losetup").args(["-d", &self.device]).status();
+    }
+}
+
+/// At `durability = "process-crash"` a commit is not synced by the writer; the
+/// WAL flusher syncs it within 10 ms. When that sync fails (the disk's
+/// writeback failed: the data never reached it, and Linux may have dropped
+/// the pages), the ledger stops: from then on every billed draw is refused
+/// before it is forwarded, and `/readyz` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wal_sync_at_process_crash_durability_stops_the_gate_closed() {
+    let Some(disk) = FailingDisk::mount() else {
+        return;
+    };
+    let sim = common::start_sim(SimConfig::default()).await;
+    let state = tempfile::tempdir().unwrap();
+    let mut cfg = gate_config(state.path(), &sim.url(), &SimConfig::default().token);
+    cfg.ledger.path = Some(disk.path().join("ledger.db"));
+    cfg.ledger.durability = chuzhan_gate::ledger::Durability::ProcessCrash;
+    let gate = chuzhan_gate::server::start(cfg).await.unwrap();
+    let env = Env {
+        sim,
+        gate: Some(gate),
+        dir: state,
+        http: reqwest::Client::new(),
+    };
+    let (_, secret) = env.key(json!({"name": "eio", "budget": 1_000_000})).await;
+    for _ in 0..20 {
+        let (_, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+    }
+    let _filler = disk.back.fill();
+
+    let mut refusal = None;
+    for _ in 0..5_000 {
+        let (status, v, _) = env.post(DRAW, &secret, SEED_768).await;
+        if v["code"] != 0 {
+            refusal = Some((status, v));
+            break;
+        }
+    }
+    let (status, v) = refusal.expect("5,000 draws on a failing disk were all answered");
+    assert!(is_ledger_refusal(status, &v), "{status} {v}");
+    let why = refuses_closed(&env, &secret).await;
+    eprintln!("the ledger stopped: {why}");
+    assert!(why.contains("syncing the WAL failed"), "{why}");
+    env.gate.unwrap().shutdown().await;
 }

@@ -104,7 +104,7 @@ mod read;
 mod verify;
 mod writer;
 
-pub use read::{query, tail, Filter, Follower};
+pub use read::{has_ledger_record, query, tail, Filter, Follower};
 pub use verify::{verify, verify_cmd, Break, BreakKind, VerifyReport};
 
 use crate::clock::SharedClock;
@@ -252,6 +252,8 @@ enum Msg {
 pub struct Audit {
     /// `None` for a handle that discards (audit disabled).
     tx: Option<mpsc::Sender<Msg>>,
+    /// The log's directory (`None` when disabled).
+    dir: Option<PathBuf>,
     log_prompts: bool,
     health: Arc<Health>,
 }
@@ -337,7 +339,7 @@ impl Audit {
             return Err(AuditError::Config("audit.queue must be at least 1".into()));
         }
         let settings = writer::Settings {
-            dir,
+            dir: dir.clone(),
             max_file_bytes: cfg.max_file_bytes.max(1),
             rotate_daily: cfg.rotate_daily,
             sync_every: std::time::Duration::from_millis(cfg.sync_every_ms),
@@ -364,6 +366,7 @@ impl Audit {
         Ok((
             Audit {
                 tx: Some(tx.clone()),
+                dir: Some(dir),
                 log_prompts: cfg.log_prompts,
                 health,
             },
@@ -380,6 +383,7 @@ impl Audit {
     pub fn disabled() -> Audit {
         Audit {
             tx: None,
+            dir: None,
             log_prompts: false,
             health: Arc::default(),
         }
@@ -394,6 +398,11 @@ impl Audit {
     /// skip copying them into records when they would be dropped anyway.
     pub fn log_prompts(&self) -> bool {
         self.log_prompts
+    }
+
+    /// The log's directory, `None` when the log is disabled.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
     }
 
     /// Whether records sent to this handle are written anywhere.

@@ -80,6 +80,42 @@ pub fn query(dir: &Path, filter: &Filter) -> Result<Vec<Value>, AuditError> {
     Ok(out.into())
 }
 
+/// Whether the log in `dir` holds a `ledger` record of `transition` for
+/// `request_id`. Files last written before `written_after` cannot hold it and are
+/// not read; the others are searched for the id before any line is parsed, so
+/// the cost is one read of the recent files.
+pub fn has_ledger_record(
+    dir: &Path,
+    request_id: &str,
+    transition: &str,
+    written_after: std::time::SystemTime,
+) -> Result<bool, AuditError> {
+    for f in list_files(dir)? {
+        let meta = std::fs::metadata(&f.path).map_err(|e| AuditError::io(&f.path, e))?;
+        if meta.modified().is_ok_and(|m| m < written_after) {
+            continue;
+        }
+        let bytes = std::fs::read(&f.path).map_err(|e| AuditError::io(&f.path, e))?;
+        let text = String::from_utf8_lossy(&bytes);
+        if !text.contains(request_id) {
+            continue;
+        }
+        for line in complete_lines(&bytes) {
+            let Ok(rec) = serde_json::from_slice::<Value>(line) else {
+                continue;
+            };
+            let field = |name: &str| rec.get(name).and_then(Value::as_str);
+            if field("event") == Some("ledger")
+                && field("request_id") == Some(request_id)
+                && field("transition") == Some(transition)
+            {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// The last `n` complete lines across the files of `dir`, oldest first, without
 /// their newlines. Reads files backwards in blocks, so it is cheap on large logs.
 pub fn tail(dir: &Path, n: usize) -> Result<Vec<String>, AuditError> {

@@ -51,11 +51,7 @@ fn in_gate_range(id: &str) -> bool {
 /// The format does not depend on the time of the call, so an id is always
 /// handled the same way (bits or floor).
 pub(super) fn time_prefix(id: &str) -> Option<u64> {
-    let b = id.as_bytes();
-    if b.len() != 32 || b[0] != b'0' || !b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    u64::from_str_radix(&id[..12], 16).ok()
+    crate::points::created_ms(id)
 }
 
 fn hashes(id: &str) -> (u64, u64) {
