@@ -12,7 +12,9 @@ simulator and gate (SQLite ledger and audit in a new temporary directory, as in
 bench/load.py), warms it up for 1 s and drives `POST /aiapi/v1/draw` with wrk (64
 connections) for --seconds; it records requests/s and the gate's CPU per request
 (utime + stime from /proc). It prints the medians and, per variant, the median of the
-per-round ratios to the first variant. --keys N spreads the draws over N keys, round-robin
+per-round ratios to the first variant. With --rate R it measures latency instead: oha
+at R requests/s (latency correction on), after a 2 s warm-up at that rate, and prints each
+variant's median p50 and p99 over the rounds. --keys N spreads the draws over N keys, round-robin
 (for the PostgreSQL ledger, where one key's account row is the point of contention);
 --key-fields '{"rps": 1000000}' gives every key those settings too.
 
@@ -55,7 +57,8 @@ def parse_variant(spec: str) -> tuple[str, str, dict, Path | None]:
 
 
 def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: int, keys: int,
-            fields: dict) -> tuple[float, float]:
+            fields: dict, rate: int = 0) -> tuple[float, float]:
+    """(req/s, gate CPU µs per request), or with `rate` (p50, p99) in ms."""
     procs = load.Procs()
     schema = None
     with tempfile.TemporaryDirectory(prefix="gate-ab-") as d:
@@ -73,6 +76,13 @@ def one_run(binary: str, env: dict, config: Path | None, seconds: int, conns: in
             if keys > 1:
                 key = [key] + [load.create_key(g, f"ab-{i}", load.HUGE_BUDGET, fields) for i in range(1, keys)]
             url = g.url + load.DRAW_PATH
+            if rate:
+                oha = load.oha_bin()
+                if oha is None or keys > 1:
+                    raise load.BenchError("--rate needs oha, and one key")
+                load.run_oha_rate(oha, url, key, conns, 2, rate)
+                lat = load.run_oha_rate(oha, url, key, conns, seconds, rate)
+                return lat.p50_ms, lat.p99_ms
             load.run_wrk(url, key, conns, 1, tmp)
             before = load.cpu_seconds(g.proc.pid)
             res = load.run_wrk(url, key, conns, seconds, tmp)
@@ -96,6 +106,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--keys", type=int, default=1, help="spread the draws over this many keys, round-robin")
     ap.add_argument("--key-fields", type=json.loads, default={}, help="more settings for every key, as JSON")
+    ap.add_argument("--rate", type=int, default=0, help="measure p50/p99 with oha at this fixed rate instead")
     a = ap.parse_args()
     variants = [parse_variant(v) for v in a.variant]
     rps: dict[str, list[float]] = {v[0]: [] for v in variants}
@@ -103,11 +114,18 @@ def main() -> int:
     for r in range(a.rounds):
         line = []
         for label, binary, env, config in variants:
-            x, c = one_run(binary, env, config, a.seconds, a.connections, a.keys, a.key_fields)
+            x, c = one_run(binary, env, config, a.seconds, a.connections, a.keys, a.key_fields, a.rate)
             rps[label].append(x)
             cpu[label].append(c)
-            line.append(f"{label} {x:,.0f} req/s {c:.0f} µs/req")
+            line.append(f"{label} p50 {x:.3f} ms p99 {c:.3f} ms" if a.rate else
+                        f"{label} {x:,.0f} req/s {c:.0f} µs/req")
         print(f"round {r + 1}: " + " | ".join(line), flush=True)
+    if a.rate:
+        for label, *_ in variants:
+            print(f"{label}: at {a.rate:,} req/s median p50 {statistics.median(rps[label]):.3f} ms "
+                  f"({min(rps[label]):.3f}–{max(rps[label]):.3f}), median p99 {statistics.median(cpu[label]):.3f} ms "
+                  f"({min(cpu[label]):.3f}–{max(cpu[label]):.3f})")
+        return 0
     base = variants[0][0]
     for label, *_ in variants:
         ratio = statistics.median(x / b for x, b in zip(rps[label], rps[base]))
