@@ -29,7 +29,7 @@ use crate::points::{KeyId, Points, TransferId};
 use crate::tasks::{TaskRecord, TaskState};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{config::DbConfig, params, Connection, OptionalExtension};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -372,6 +372,17 @@ fn open_conn(path: &std::path::Path, durability: Durability) -> Result<Connectio
     Ok(conn)
 }
 
+/// A connection that only reads. It never checkpoints either, not even when
+/// it is the last to close: the writer checkpoints when it stops, unless the
+/// ledger stopped on a write failure (see `leave_files_alone`).
+fn open_reader(path: &std::path::Path, durability: Durability) -> Result<Connection, LedgerError> {
+    let r = open_conn(path, durability)?;
+    r.pragma_update(None, "query_only", "ON").map_err(storage)?;
+    r.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
+        .map_err(storage)?;
+    Ok(r)
+}
+
 fn migrate(conn: &mut Connection) -> Result<(), LedgerError> {
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -640,14 +651,34 @@ fn writer_loop(
         // Checkpoint between batches, after the callers have their answers:
         // the WAL is copied into the database and, since no write is in
         // progress, the next batch starts the WAL over instead of growing it.
-        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+        // Not once the ledger has stopped (see `leave_files_alone`).
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY && !fail.failed.load(Ordering::Acquire) {
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "ledger WAL checkpoint failed");
             }
             last_checkpoint = std::time::Instant::now();
         }
     }
-    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    if fail.failed.load(Ordering::Acquire) {
+        leave_files_alone(&conn);
+    } else {
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+}
+
+/// After a write failure nothing writes to the ledger's files again, not even
+/// SQLite's checkpoint as its last connection closes. A failed `fsync` means
+/// the disk or the file system is failing, and a checkpoint rewrites pages of
+/// the database in place: measured on ext4 whose writeback fails
+/// (`tests/robustness.rs`, `FailingDisk`), a checkpoint after the failure
+/// left pages that had been synced long before reading as zeros after a
+/// power cut ("potential data loss" in the kernel log), and the ledger would
+/// not open. The WAL holds every commit that was acknowledged; the next start
+/// recovers from it.
+fn leave_files_alone(conn: &Connection) {
+    if let Err(e) = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true) {
+        tracing::warn!(error = %e, "cannot turn off the ledger's checkpoint on close");
+    }
 }
 
 /// How often the WAL is synced at `process-crash` durability.
@@ -935,17 +966,12 @@ impl SqliteLedger {
             let on_disk = load_id_filter(&writer).map_err(storage)?;
             let mut readers = Vec::with_capacity(READERS);
             for _ in 0..READERS {
-                let r = open_conn(&path, durability)?;
-                r.pragma_update(None, "query_only", "ON").map_err(storage)?;
-                readers.push(Mutex::new(r));
+                readers.push(Mutex::new(open_reader(&path, durability)?));
             }
             // Key pages are read on a connection of their own with a small
             // cache: a scan of 100,000 records must neither fill the request
             // readers' caches nor hold one of them for long.
-            let key_reader = open_conn(&path, durability)?;
-            key_reader
-                .pragma_update(None, "query_only", "ON")
-                .map_err(storage)?;
+            let key_reader = open_reader(&path, durability)?;
             key_reader
                 .pragma_update(None, "cache_size", -KEY_READER_CACHE_KIB)
                 .map_err(storage)?;
