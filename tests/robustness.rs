@@ -790,11 +790,13 @@ fn run_mount(args: &[&str], dir: &Path) {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.mnt.path())
-            .status();
+        unmount_lazily(self.mnt.path());
     }
+}
+
+/// `umount -l DIR`: the mount goes once the last file in it is closed.
+fn unmount_lazily(dir: &Path) {
+    let _ = Command::new("umount").arg("-l").arg(dir).status();
 }
 
 /// A gate whose ledger (only: the audit log stays on the big disk) is in
@@ -2403,10 +2405,7 @@ impl Drop for FailingDisk {
         // Lazily, in case a file is still open: the mount goes when it closes,
         // and a busy loop device detaches itself once the mount is gone. `back`
         // unmounts the tmpfs after this.
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.mnt.path())
-            .status();
+        unmount_lazily(self.mnt.path());
         let _ = Command::new("losetup").args(["-d", &self.device]).status();
     }
 }
