@@ -636,26 +636,17 @@ impl SlowGate {
 /// registered, not left to crash recovery at the next start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_waits_for_a_draw_whose_client_hung_up() {
-    let SlowGate {
-        sim,
-        data,
-        env,
-        gate,
-        http,
-        admin_token: _,
-        id,
-        secret,
-    } = SlowGate::start(800, "hangup").await;
-    let url = format!("http://{}{DRAW}", gate.addr);
-    let (c, s) = (http.clone(), secret.clone());
+    let g = SlowGate::start(800, "hangup").await;
+    let url = format!("http://{}{DRAW}", g.gate.addr);
+    let (c, s) = (g.http.clone(), g.secret.clone());
     let client = tokio::spawn(async move { post_as(&c, &url, &s, SEED_768).await });
-    until_forwarded(&sim, 1).await;
+    until_forwarded(&g.sim, 1).await;
     client.abort();
     let _ = client.await;
-    assert_eq!(gate.terminate().await, Some(0), "SIGTERM exit code");
-    assert_eq!(ledger_verify(&env).0, Some(0));
+    assert_eq!(g.gate.terminate().await, Some(0), "SIGTERM exit code");
+    assert_eq!(ledger_verify(&g.env).0, Some(0));
     let ((served, points), (recovered, _)) =
-        Store::Sqlite.commits_by_origin(data.path(), &id).await;
+        Store::Sqlite.commits_by_origin(g.data.path(), &g.id).await;
     assert_eq!(
         (served, points, recovered),
         (1, 12, 0),
@@ -665,18 +656,10 @@ async fn sigterm_waits_for_a_draw_whose_client_hung_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
-    let SlowGate {
-        sim: _sim,
-        data,
-        env,
-        gate,
-        http,
-        admin_token,
-        id,
-        secret,
-    } = SlowGate::start(500, "drain").await;
-    let url = format!("http://{}{DRAW}", gate.addr);
-    let c = http.clone();
+    // `g.sim` stays bound to the end: dropping it stops the simulator.
+    let g = SlowGate::start(500, "drain").await;
+    let url = format!("http://{}{DRAW}", g.gate.addr);
+    let (c, secret) = (g.http.clone(), g.secret.clone());
     let inflight = tokio::spawn(async move {
         c.post(url)
             .header("Auth-Token", secret)
@@ -691,11 +674,11 @@ async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
     // Idle keep-alive connections must not hold the drain up.
     let mut idle = Vec::new();
     for _ in 0..100 {
-        idle.push(TcpStream::connect(gate.addr).await.unwrap());
+        idle.push(TcpStream::connect(g.gate.addr).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
     let stopping = Instant::now();
-    assert_eq!(gate.terminate().await, Some(0), "SIGTERM exit code");
+    assert_eq!(g.gate.terminate().await, Some(0), "SIGTERM exit code");
     let took = stopping.elapsed();
     assert!(
         took < Duration::from_secs(3),
@@ -706,14 +689,14 @@ async fn sigterm_drains_an_in_flight_draw_and_the_charge_survives_restart() {
     assert_eq!(v["code"], 0, "the in-flight draw was answered: {v}");
     assert_eq!(v["data"]["used"], 12, "{v}");
 
-    let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
-    let acc = gate.account(&http, admin_token, &id).await;
+    let gate = ChildGate::start(&g.env, &["serve"], Stdio::null()).await;
+    let acc = gate.account(&g.http, g.admin_token, &g.id).await;
     assert_eq!(acc["spent"], 12, "{acc}");
     assert_eq!(acc["reserved"], 0, "{acc}");
     assert_eq!(gate.terminate().await, Some(0));
-    let (code, out) = ledger_verify(&env);
+    let (code, out) = ledger_verify(&g.env);
     assert_eq!(code, Some(0), "{out}");
-    let (_, (recovered, _)) = Store::Sqlite.commits_by_origin(data.path(), &id).await;
+    let (_, (recovered, _)) = Store::Sqlite.commits_by_origin(g.data.path(), &g.id).await;
     assert_eq!(
         recovered, 0,
         "a drained request must not need crash recovery"

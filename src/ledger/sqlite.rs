@@ -258,8 +258,14 @@ struct FailStop {
 }
 
 impl FailStop {
+    /// Whether a write failed: the ledger takes no more writes, and nothing
+    /// touches its files again (see `leave_files_alone`).
+    fn stopped(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     fn check(&self) -> Result<(), LedgerError> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.stopped() {
             let why = self
                 .why
                 .lock()
@@ -622,7 +628,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        if fail.failed.load(Ordering::Acquire) {
+        if fail.stopped() {
             finish_all(
                 batch,
                 Err("ledger stopped after an earlier write failure".into()),
@@ -652,14 +658,14 @@ fn writer_loop(
         // the WAL is copied into the database and, since no write is in
         // progress, the next batch starts the WAL over instead of growing it.
         // Not once the ledger has stopped (see `leave_files_alone`).
-        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY && !fail.failed.load(Ordering::Acquire) {
+        if last_checkpoint.elapsed() >= CHECKPOINT_EVERY && !fail.stopped() {
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::warn!(error = %e, "ledger WAL checkpoint failed");
             }
             last_checkpoint = std::time::Instant::now();
         }
     }
-    if fail.failed.load(Ordering::Acquire) {
+    if fail.stopped() {
         leave_files_alone(&conn);
     } else {
         let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
