@@ -85,7 +85,11 @@
 //! `flush` in the failing batch gets [`AuditError::Write`], later records wait in
 //! the queue and then in `record()`: the gate slows down rather than loses records.
 //! Only after a shutdown was asked does it give up (after three more failures),
-//! logging what is lost.
+//! logging what is lost. The writer keeps what it wrote since the last good sync
+//! (at most about 1 MiB: past that it syncs mid-batch). After a failed `fdatasync`
+//! it cuts the file back to the last good sync and writes those bytes again: Linux
+//! reports a failed writeback only once and marks the pages clean, so syncing
+//! again alone would succeed with the records never on the disk.
 //!
 //! Days are UTC days. A record goes to a new file when its UTC day differs from the
 //! day of the active file (with `rotate_daily`) or when it would push the file past

@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Messages taken from the queue per batch, at most; bounds flush latency.
 const MAX_BATCH: usize = 4096;
-/// Encoded bytes held before writing them out mid-batch (whole lines only).
+/// Encoded bytes held (written or not) before they are written out and synced
+/// mid-batch: bounds the copy of unsynced records kept to write them again.
 const MAX_PENDING: usize = 1024 * 1024;
 /// Attempts at a failing write once a shutdown has been asked for.
 const RETRIES_WHEN_STOPPING: u32 = 3;
@@ -60,6 +61,13 @@ struct Active {
     day: NaiveDate,
     /// Bytes in the file, written or not yet synced.
     len: u64,
+    /// Bytes in the file that the last successful `fdatasync` covered.
+    synced_len: u64,
+    /// A sync failed: what follows `synced_len` may never reach the disk (Linux
+    /// marks the pages it could not write clean and reports the error once, so
+    /// syncing again would succeed without writing them). It is cut off and
+    /// written again before the next sync.
+    torn: bool,
 }
 
 /// The single owner of the log's files.
@@ -73,12 +81,11 @@ pub(super) struct Writer {
     /// Day of the file that `pending` goes to when `active` is `None`.
     next_day: Option<NaiveDate>,
     next_number: u64,
-    /// Encoded whole lines not yet written to the file.
+    /// Encoded whole lines not yet known to be on disk: written to the active
+    /// file since its last good sync, or not written yet.
     pending: Vec<u8>,
-    /// How much of `pending` a failed write already put in the file.
+    /// How much of `pending` is in the active file (after its `synced_len`).
     pending_written: usize,
-    /// Bytes written since the last fdatasync.
-    unsynced: bool,
     /// When the log was last synced.
     synced_at: Option<Instant>,
     /// Last record in `pending` or the file, for the head file.
@@ -113,7 +120,6 @@ impl Writer {
             next_number: files.last().map_or(1, |f| f.number + 1),
             pending: Vec::new(),
             pending_written: 0,
-            unsynced: false,
             synced_at: None,
             last: None,
             head_written: None,
@@ -173,6 +179,8 @@ impl Writer {
                     name: f.name.clone(),
                     day: f.day,
                     len,
+                    synced_len: len,
+                    torn: false,
                 });
             }
             (Some((name, bytes)), _) => {
@@ -267,10 +275,9 @@ impl Writer {
             }
         }
         if self.gave_up {
-            let lost = self.pending.len() - self.pending_written;
             tracing::error!(
-                bytes = lost,
-                "audit writer stopped after repeated I/O errors; unwritten records are lost"
+                bytes = self.pending.len(),
+                "audit writer stopped after repeated I/O errors; records not synced may be lost"
             );
             answer(
                 &mut flushers,
@@ -355,6 +362,7 @@ impl Writer {
         self.rotate_if_needed(day, line.len() as u64)?;
         if self.pending.len() + line.len() > MAX_PENDING {
             self.write_pending()?;
+            self.sync()?;
         }
         self.pending.extend_from_slice(&line);
         self.last = Some((self.next_seq, hash.clone()));
@@ -372,12 +380,11 @@ impl Writer {
                 return Ok(());
             }
         };
-        let logical = len + self.pending.len() as u64;
+        let logical = len + (self.pending.len() - self.pending_written) as u64;
         let too_big = logical > 0 && logical + line_len > self.s.max_file_bytes;
         let new_day = self.s.rotate_daily && day != file_day;
         if too_big || new_day {
             // The old file is finished: make it durable before the chain moves on.
-            self.write_pending()?;
             self.sync()?;
             self.active = None;
             self.next_day = Some(day);
@@ -385,12 +392,19 @@ impl Writer {
         Ok(())
     }
 
-    /// Write `pending` to the active file (creating it if needed), whole lines at a
-    /// time, resuming after a partial failure.
+    /// Write what `pending` holds beyond `pending_written` to the active file
+    /// (creating it if needed), resuming after a partial failure. After a failed
+    /// sync, first cut the file back to its last good sync and write all of
+    /// `pending` again.
     fn write_pending(&mut self) -> std::io::Result<()> {
-        if self.pending.len() == self.pending_written {
-            self.pending.clear();
+        if let Some(a) = self.active.as_mut().filter(|a| a.torn) {
+            // The file is opened for appending: writes go to its new end.
+            a.file.set_len(a.synced_len)?;
+            a.len = a.synced_len;
+            a.torn = false;
             self.pending_written = 0;
+        }
+        if self.pending.len() == self.pending_written {
             return Ok(());
         }
         if self.active.is_none() {
@@ -406,10 +420,7 @@ impl Writer {
             }
             self.pending_written += n;
             a.len += n as u64;
-            self.unsynced = true;
         }
-        self.pending.clear();
-        self.pending_written = 0;
         Ok(())
     }
 
@@ -442,19 +453,38 @@ impl Writer {
             name,
             day,
             len: 0,
+            synced_len: 0,
+            torn: false,
         });
         Ok(())
     }
 
+    /// Write out `pending` and `fdatasync` the active file; on success the
+    /// written bytes are on disk and leave `pending`.
     fn sync(&mut self) -> std::io::Result<()> {
-        if self.unsynced {
-            if let Some(a) = &self.active {
-                a.file.sync_data()?;
-            }
-            self.unsynced = false;
-            self.synced_at = Some(Instant::now());
+        self.write_pending()?;
+        if !self.unsynced() {
+            return Ok(());
         }
+        if let Some(a) = self.active.as_mut() {
+            if let Err(e) = a.file.sync_data() {
+                a.torn = true;
+                return Err(e);
+            }
+            a.synced_len = a.len;
+        }
+        self.pending.drain(..self.pending_written);
+        self.pending_written = 0;
+        if self.pending.capacity() > 2 * MAX_PENDING {
+            self.pending.shrink_to(MAX_PENDING);
+        }
+        self.synced_at = Some(Instant::now());
         Ok(())
+    }
+
+    /// Whether bytes were written to the active file since its last good sync.
+    fn unsynced(&self) -> bool {
+        self.pending_written > 0
     }
 
     /// End of a batch: everything encoded is written; it is synced when `force`
@@ -467,7 +497,7 @@ impl Writer {
         if force || self.sync_lag().is_some_and(|d| d.is_zero()) {
             self.sync()?;
         }
-        if !self.unsynced && (force || self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY)) {
+        if !self.unsynced() && (force || self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY)) {
             self.write_head()?;
         }
         Ok(())
@@ -476,7 +506,7 @@ impl Writer {
     /// How long written records may still wait for their sync; `None` when
     /// everything written is synced.
     fn sync_lag(&self) -> Option<Duration> {
-        if !self.unsynced {
+        if !self.unsynced() {
             return None;
         }
         let since = self.synced_at.map_or(self.s.sync_every, |at| at.elapsed());
@@ -491,7 +521,7 @@ impl Writer {
             return Some(wait);
         }
         let (seq, _) = self.last.as_ref()?;
-        if self.head_written == Some(*seq) || self.pending_written > 0 {
+        if self.head_written == Some(*seq) || !self.pending.is_empty() {
             return None;
         }
         let since = self.head_at.map_or(HEAD_EVERY, |at| at.elapsed());
