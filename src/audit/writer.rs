@@ -361,7 +361,6 @@ impl Writer {
 
         self.rotate_if_needed(day, line.len() as u64)?;
         if self.pending.len() + line.len() > MAX_PENDING {
-            self.write_pending()?;
             self.sync()?;
         }
         self.pending.extend_from_slice(&line);
