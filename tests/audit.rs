@@ -54,6 +54,24 @@ async fn write_n(audit: &Audit, from: usize, n: usize) {
     }
 }
 
+/// Checks that the log in `dir` verifies clean and holds exactly the records
+/// with `points` 0..`total`, in order; returns the report.
+fn assert_points_in_order(dir: &Path, total: u64) -> audit::VerifyReport {
+    let report = verify(dir).unwrap();
+    assert_eq!(
+        (report.records, &report.first_break),
+        (total, &None),
+        "{report}"
+    );
+    let points: Vec<u64> = query(dir, &Filter::default())
+        .unwrap()
+        .iter()
+        .map(|r| r["points"].as_u64().unwrap())
+        .collect();
+    assert_eq!(points, (0..total).collect::<Vec<u64>>());
+    report
+}
+
 /// The log files in chain order.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -429,19 +447,7 @@ async fn record_waits_while_the_writer_cannot_write_and_nothing_is_lost() {
         .unwrap();
     audit.flush().await.unwrap();
     writer.shutdown().await;
-    let report = verify(&dir).unwrap();
-    let total = sent as u64 + 1;
-    assert_eq!(
-        (report.records, &report.first_break),
-        (total, &None),
-        "{report}"
-    );
-    let points: Vec<u64> = query(&dir, &Filter::default())
-        .unwrap()
-        .iter()
-        .map(|r| r["points"].as_u64().unwrap())
-        .collect();
-    assert_eq!(points, (0..total).collect::<Vec<u64>>());
+    assert_points_in_order(&dir, sent as u64 + 1);
 }
 
 #[tokio::test]
@@ -756,19 +762,8 @@ async fn a_burst_of_several_mib_crosses_rotations_and_mid_batch_syncs_intact() {
     }
     audit.flush().await.expect("flush");
     writer.shutdown().await;
-    let report = verify(tmp.path()).unwrap();
-    assert_eq!(
-        (report.records, &report.first_break),
-        (6_000, &None),
-        "{report}"
-    );
+    let report = assert_points_in_order(tmp.path(), 6_000);
     assert!(report.files >= 5, "{report}");
-    let points: Vec<u64> = query(tmp.path(), &Filter::default())
-        .unwrap()
-        .iter()
-        .map(|r| r["points"].as_u64().unwrap())
-        .collect();
-    assert_eq!(points, (0..6_000).collect::<Vec<u64>>());
 }
 
 #[tokio::test]

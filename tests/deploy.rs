@@ -360,17 +360,7 @@ async fn the_gate_keeps_to_the_systemd_units_sandbox() {
     let gate_pid = only_child(strace.id());
 
     let body = json!({"name": "sandboxed", "budget": 1_000_000});
-    let (status, made, _) = common::admin_call(
-        &http,
-        admin,
-        admin_token,
-        reqwest::Method::POST,
-        "/admin/keys",
-        Some(body),
-    )
-    .await;
-    assert_eq!(status, 201, "{made}");
-    let secret = made["key"].as_str().unwrap().to_owned();
+    let (_, secret) = common::create_key(&http, admin, admin_token, body).await;
 
     // Draws in waves, so the allocator frees and gives back memory between them.
     let mut draws = 0;

@@ -256,27 +256,6 @@ impl ChildGate {
         g
     }
 
-    /// Makes a key through the admin API: its id and secret.
-    async fn key(
-        &self,
-        http: &reqwest::Client,
-        admin_token: &str,
-        body: Value,
-    ) -> (String, String) {
-        let (s, key, _) = admin_call(
-            http,
-            self.admin,
-            admin_token,
-            Method::POST,
-            "/admin/keys",
-            Some(body),
-        )
-        .await;
-        assert_eq!(s, 201, "{key}");
-        let id = key["id"].as_str().unwrap().to_owned();
-        (id, key["key"].as_str().unwrap().to_owned())
-    }
-
     /// A key's account, from the admin API.
     async fn account(&self, http: &reqwest::Client, admin_token: &str, id: &str) -> Value {
         let path = format!("/admin/keys/{id}");
@@ -445,13 +424,8 @@ async fn crash_under_load(store: Store) {
     env.extend(store.env(data.path()));
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     let http = reqwest::Client::new();
-    let (id, secret) = gate
-        .key(
-            &http,
-            admin_token,
-            json!({"name": "load", "budget": 1_000_000}),
-        )
-        .await;
+    let body = json!({"name": "load", "budget": 1_000_000});
+    let (id, secret) = create_key(&http, gate.admin, admin_token, body).await;
 
     // 16 clients draw as fast as they can; count the successes they were told of.
     let stop = Arc::new(AtomicBool::new(false));
@@ -613,9 +587,8 @@ impl SlowGate {
         let env = gate_env(&sim, data.path(), admin_token);
         let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
         let http = reqwest::Client::new();
-        let (id, secret) = gate
-            .key(&http, admin_token, json!({"name": name, "budget": 100}))
-            .await;
+        let body = json!({"name": name, "budget": 100});
+        let (id, secret) = create_key(&http, gate.admin, admin_token, body).await;
         SlowGate {
             sim,
             data,
@@ -1470,9 +1443,8 @@ async fn a_settlement_held_when_the_gate_is_killed_is_written_at_its_next_start(
     env.push(("GATE_CONFIG".into(), config.display().to_string()));
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     let http = reqwest::Client::new();
-    let (id, secret) = gate
-        .key(&http, admin_token, json!({"name": "held", "budget": 1000}))
-        .await;
+    let body = json!({"name": "held", "budget": 1000});
+    let (id, secret) = create_key(&http, gate.admin, admin_token, body).await;
     let draw = |addr: SocketAddr, path: &'static str, body: String| {
         let (http, secret) = (http.clone(), secret.clone());
         tokio::spawn(async move {
@@ -2218,21 +2190,7 @@ async fn a_held_settlement_the_ledger_already_has_is_audited_exactly_once() {
             Some(k) => k,
             None => {
                 let body = json!({"name": "replayed", "budget": 1000});
-                let (status, v, _) = admin_call(
-                    &http,
-                    gate.admin_addr,
-                    ADMIN_TOKEN,
-                    Method::POST,
-                    "/admin/keys",
-                    Some(body),
-                )
-                .await;
-                assert_eq!(status, 201, "{v}");
-                let k = (
-                    v["id"].as_str().unwrap().to_owned(),
-                    v["key"].as_str().unwrap().to_owned(),
-                );
-                key.insert(k)
+                key.insert(create_key(&http, gate.admin_addr, ADMIN_TOKEN, body).await)
             }
         };
         let r = http

@@ -231,6 +231,29 @@ pub async fn drop_schema(url: &str, schema: &str) {
         .expect("drop the test schema");
 }
 
+/// Creates a key through the admin API at `admin`: its id and secret.
+pub async fn create_key(
+    http: &reqwest::Client,
+    admin: std::net::SocketAddr,
+    token: &str,
+    body: Value,
+) -> (String, String) {
+    let (status, v, _) = admin_call(
+        http,
+        admin,
+        token,
+        reqwest::Method::POST,
+        "/admin/keys",
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["key"].as_str().unwrap().to_owned(),
+    )
+}
+
 /// An admin API call with the bearer `token`: status, JSON body (or the text as a
 /// string), and the headers and text for messages.
 pub async fn admin_call(
