@@ -16,7 +16,9 @@ per-round ratios to the first variant. With --rate R it measures latency instead
 at R requests/s (latency correction on), after a 2 s warm-up at that rate, and prints each
 variant's median p50 and p99 over the rounds. --keys N spreads the draws over N keys, round-robin
 (for the PostgreSQL ledger, where one key's account row is the point of contention);
---key-fields '{"rps": 1000000}' gives every key those settings too.
+--key-fields '{"rps": 1000000}' gives every key those settings too. --pin PROXY/DRIVER runs
+the gate on the CPUs PROXY and the simulator and load generator on DRIVER (taskset), as
+in bench/load.py.
 
 Why interleaved rounds and ratios: on the shared 2-core benchmark machine the same
 binary runs in two speeds for minutes at a time (about 70 and 130 µs of gate CPU per
@@ -107,7 +109,10 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=1, help="spread the draws over this many keys, round-robin")
     ap.add_argument("--key-fields", type=json.loads, default={}, help="more settings for every key, as JSON")
     ap.add_argument("--rate", type=int, default=0, help="measure p50/p99 with oha at this fixed rate instead")
+    ap.add_argument("--pin", type=load.parse_pin, metavar="PROXY/DRIVER",
+                    help="taskset CPU lists for the gate and for the simulator and load generator (e.g. 1/0)")
     a = ap.parse_args()
+    load.PIN = a.pin
     variants = [parse_variant(v) for v in a.variant]
     rps: dict[str, list[float]] = {v[0]: [] for v in variants}
     cpu: dict[str, list[float]] = {v[0]: [] for v in variants}

@@ -6,6 +6,7 @@ Run from anywhere in a clone (Python 3.11+, wrk, oha; nginx and PostgreSQL optio
     python3 bench/load.py                 # build, measure, write docs/benchmarks.md "## Load"
     python3 bench/load.py --no-write      # measure and print only
     python3 bench/load.py --only memory   # just step 4 (memory), printed, nothing written
+    python3 bench/load.py --pin 1/0       # the proxy under test on CPU 1, the rest on CPU 0
 
 What it does, in one bounded run (a watchdog stops it after --deadline seconds, 570 by
 default, leaving every process it started stopped):
@@ -34,6 +35,11 @@ default, leaving every process it started stopped):
    bulk_insert_keys; `ledger verify` must pass afterwards) -- is restarted so that it
    loads them as in production, idles 8 s, takes 5 s of draws, and VmRSS / VmHWM are
    read from /proc/PID/status.
+
+With --pin PROXY/DRIVER every proxy under test (the gates, nginx with one worker per CPU
+of PROXY, the bare stack) runs under `taskset -c PROXY`, and the simulator, wrk and oha
+under `taskset -c DRIVER`, so the load generator no longer takes the proxy's core in the
+middle of a request; the PostgreSQL server is not pinned.
 
 Only 127.0.0.1 is ever contacted.
 """
@@ -69,6 +75,34 @@ DRAW_BODY = (
 SIM_TOKEN = "sim-token"
 ADMIN_TOKEN = "bench-admin-token"
 HUGE_BUDGET = 10**15
+
+
+# `--pin PROXY/DRIVER`: the CPUs (taskset lists) for the proxy under test (the gate,
+# nginx, the bare stack) and for everything driving it (the simulator, wrk, oha).
+# None: no pinning, every process on every core.
+PIN: tuple[str, str] | None = None
+
+
+def pinned(role: str, argv: list[str]) -> list[str]:
+    """`argv` under taskset on the CPUs of `role` ("proxy" or "driver") when pinning."""
+    if PIN is None:
+        return argv
+    return ["taskset", "-c", PIN[0] if role == "proxy" else PIN[1], *argv]
+
+
+def parse_pin(spec: str) -> tuple[str, str]:
+    proxy, sep, driver = spec.partition("/")
+    if not sep or not re.fullmatch(r"[\d,-]+", proxy) or not re.fullmatch(r"[\d,-]+", driver):
+        raise argparse.ArgumentTypeError(f"--pin wants PROXY_CPUS/DRIVER_CPUS, e.g. 1/0, got {spec!r}")
+    return proxy, driver
+
+
+def cpu_count(cpus: str) -> int:
+    n = 0
+    for part in cpus.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
 
 
 class BenchError(Exception):
@@ -241,7 +275,7 @@ def parse_wrk_latency(text: str, pct: str) -> float | None:
 
 def run_wrk(url: str, token: str | list[str], conns: int, seconds: int, tmp: Path, threads: int = 1) -> MaxResult:
     script = wrk_script_many(tmp, token) if isinstance(token, list) else wrk_script(tmp, token)
-    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script), url]
+    argv = pinned("driver", ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script), url])
     r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     if r.returncode != 0:
         raise BenchError(f"wrk failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -280,9 +314,10 @@ def oha_json_flag(oha: str) -> list[str]:
 
 
 def run_oha_rate(oha: str, url: str, token: str, conns: int, seconds: int, rate: int) -> RateResult:
-    argv = [oha, "--no-tui", *oha_json_flag(oha), "-z", f"{seconds}s", "-c", str(conns), "-q", str(rate),
-            "--latency-correction",
-            "-m", "POST", "-H", f"Auth-Token: {token}", "-H", "Content-Type: application/json", "-d", DRAW_BODY, url]
+    argv = pinned("driver", [
+        oha, "--no-tui", *oha_json_flag(oha), "-z", f"{seconds}s", "-c", str(conns), "-q", str(rate),
+        "--latency-correction",
+        "-m", "POST", "-H", f"Auth-Token: {token}", "-H", "Content-Type: application/json", "-d", DRAW_BODY, url])
     r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
     if r.returncode != 0:
         raise BenchError(f"oha failed: {r.stderr.strip()}")
@@ -304,7 +339,7 @@ def run_oha_count(oha: str, url: str, body: str, headers: list[str], n: int, con
     for h in headers:
         argv += ["-H", h]
     argv.append(url)
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(pinned("driver", argv), capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise BenchError(f"oha failed: {r.stderr.strip()}")
     return json.loads(r.stdout)
@@ -356,8 +391,8 @@ def start_sim(procs: Procs, bin_: str, tmp: Path) -> Sim:
     port = free_port()
     p = procs.start(
         "sim",
-        [bin_, "sim", "--listen", f"127.0.0.1:{port}", "--token", SIM_TOKEN, "--task-ms", "0",
-         "--latency-ms", "0", "--balance", str(10**15), "--task-limit", "1000000"],
+        pinned("driver", [bin_, "sim", "--listen", f"127.0.0.1:{port}", "--token", SIM_TOKEN, "--task-ms", "0",
+                          "--latency-ms", "0", "--balance", str(10**15), "--task-limit", "1000000"]),
         log_path=tmp / "sim.log",
     )
     wait_tcp(port, 20, p)
@@ -376,7 +411,7 @@ def start_gate(procs: Procs, bin_: str, tmp: Path, name: str, sim: Sim, extra_en
         "GATE_DATA_DIR": str(tmp / f"data-{name}"),
     })
     env.update(extra_env)
-    argv = [bin_]
+    argv = pinned("proxy", [bin_])
     if config is not None:
         argv += ["--config", str(config)]
     argv.append("serve")
@@ -428,7 +463,7 @@ def start_nginx(procs: Procs, tmp: Path, sim: Sim) -> tuple[subprocess.Popen, in
     # A plain pass-through: keep-alive to the upstream, no access log, the client's
     # token swapped for the upstream's (the least any gate does).
     conf.write_text(f"""
-worker_processes auto;
+worker_processes {cpu_count(PIN[0]) if PIN else "auto"};
 pid {root}/nginx.pid;
 error_log {root}/logs/error.log warn;
 events {{ worker_connections 4096; }}
@@ -455,7 +490,7 @@ http {{
     }}
 }}
 """)
-    p = procs.start("nginx", [nginx, "-p", str(root), "-c", str(conf), "-g", "daemon off;"], log_path=root / "logs" / "stdout.log")
+    p = procs.start("nginx", pinned("proxy", [nginx, "-p", str(root), "-c", str(conf), "-g", "daemon off;"]), log_path=root / "logs" / "stdout.log")
     wait_tcp(port, 10, p)
     return p, port
 
@@ -749,7 +784,10 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
     out.append(
         f"Made by `{cmd}` on {m['date']} at commit `{m['rev']}`: {m['nproc']} cores "
         f"({m['cpu']}), {m['mem_gib']:.1f} GiB RAM, Linux {m['kernel']}. Load generators "
-        f"{tools['wrk']} and {tools['oha']}, on the same machine as the servers. Disk: a "
+        f"{tools['wrk']} and {tools['oha']}, on the same machine as the servers"
+        + (f" (pinned: the proxy under test on CPU {a.pin[0]}, the simulator and the load "
+           f"generators on CPU {a.pin[1]}; the PostgreSQL server unpinned)" if a.pin else "")
+        + ". Disk: a "
         f"4 KiB write + `fdatasync` in the data directory took {m['fsync_ms'][0]:.2f} ms median, "
         f"{m['fsync_ms'][1]:.2f} ms p90 (it varies with the other work on the machine); "
         f"1-min load average at the start {m['load']:.1f}"
@@ -897,9 +935,11 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
         out.extend(f"- {x}" for x in aims)
         out.append("")
     out.append(
-        "Caveat: 2 cores are shared by the load generator, the simulator and the proxy under "
-        "test, so every figure is a lower bound of what the proxy does on its own; compare "
-        "rows with each other, not with other machines."
+        (f"Caveat: every proxy had only CPU {a.pin[0]}, and the load generator and the simulator "
+         f"shared CPU {a.pin[1]}; " if a.pin else
+         "Caveat: 2 cores are shared by the load generator, the simulator and the proxy under "
+         "test, so every figure is a lower bound of what the proxy does on its own; ")
+        + "compare rows with each other, not with other machines."
     )
     out.append("")
     return "\n".join(out)
@@ -989,6 +1029,9 @@ def main() -> int:
     ap.add_argument("--priority", action="store_true",
                     help="run everything at nice -10 (root), so that other work on the machine disturbs less")
     ap.add_argument("--no-nginx", action="store_true")
+    ap.add_argument("--pin", type=parse_pin, metavar="PROXY/DRIVER",
+                    help="taskset CPU lists: the proxy under test on PROXY, the simulator and the load "
+                         "generators on DRIVER (e.g. 1/0), so that they do not take each other's core")
     ap.add_argument("--bare", help="use this bare_proxy binary (examples/bare_proxy.rs) instead of building it")
     ap.add_argument("--no-bare", action="store_true", help="skip the row of the gate's HTTP stack alone")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
@@ -1020,6 +1063,9 @@ def main() -> int:
     if not shutil.which("wrk"):
         print("wrk is needed (apt-get install wrk)", file=sys.stderr)
         return 2
+    if a.pin:
+        global PIN
+        PIN = a.pin
     oha = oha_bin()
     if a.only == "memory":
         return memory_only(a, oha)
@@ -1112,7 +1158,7 @@ def main() -> int:
             row = Row(BARE_ROW)
             rows.append(row)
             port = free_port()
-            bare_proc = procs.start("bare", [bare, f"127.0.0.1:{port}", sim.url],
+            bare_proc = procs.start("bare", pinned("proxy", [bare, f"127.0.0.1:{port}", sim.url]),
                                     env=os.environ | {"BARE_PROXY_TOKEN": SIM_TOKEN}, log_path=tmp / "bare.log")
             wait_tcp(port, 10, bare_proc)
             url = f"http://127.0.0.1:{port}{DRAW_PATH}"
