@@ -18,6 +18,7 @@ pub mod memory;
 pub mod metrics;
 pub mod points;
 pub mod pricing;
+pub mod sched;
 pub mod server;
 pub mod tasks;
 pub mod upstream;

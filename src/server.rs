@@ -105,6 +105,9 @@ pub async fn start_with_clock(cfg: Config, clock: SharedClock) -> Result<Running
              can lose the last commits; requests forwarded then go unbilled)"
         ),
     }
+    if crate::sched::one_cpu() {
+        tracing::info!("one CPU: the ledger and audit writers run under SCHED_BATCH");
+    }
     let (audit, audit_writer) = if cfg.audit.enabled {
         let (a, w) = Audit::open(&cfg.audit, clock.clone()).await?;
         (a, Some(w))

@@ -309,8 +309,12 @@ async fn the_gate_keeps_to_the_systemd_units_sandbox() {
 
     let (addr, admin) = (common::free_addr(), common::free_addr());
     let admin_token = "deploy-test-admin-token-0123456789";
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-s", "4096", "-o"])
+    // On one CPU, as a small machine gives it: the gate then also puts its
+    // writer threads under SCHED_BATCH (src/sched.rs), a call the filter must let
+    // through.
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", &common::first_allowed_cpu(), "strace"])
+        .args(["-f", "-qq", "-s", "4096", "-o"])
         .arg(&trace)
         .args(["--", "unshare", "--mount", "--propagation", "private", "--"])
         .args(["sh", "-c"])
@@ -475,7 +479,13 @@ async fn the_gate_keeps_to_the_systemd_units_sandbox() {
             problems.push(format!("a /proc file the unit hides: {line}"));
         }
     }
-    for needed in ["accept4", "fsync", "fdatasync", "writev"] {
+    for needed in [
+        "accept4",
+        "fsync",
+        "fdatasync",
+        "writev",
+        "sched_setscheduler",
+    ] {
         assert!(seen.contains(needed), "the trace has no {needed}: {seen:?}");
     }
     assert!(

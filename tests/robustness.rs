@@ -228,7 +228,12 @@ fn gate_env(sim: &SimHandle, data: &Path, admin_token: &str) -> Vec<(String, Str
 }
 
 fn gate_command(env: &[(String, String)], args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chuzhan-gate"));
+    with_gate_env(Command::new(env!("CARGO_BIN_EXE_chuzhan-gate")), env, args)
+}
+
+/// `cmd` (the gate's binary, or a wrapper that runs it) with `args` and the
+/// gate's environment.
+fn with_gate_env(mut cmd: Command, env: &[(String, String)], args: &[&str]) -> Command {
     cmd.args(args)
         .env_remove("GATE_CONFIG")
         .env_remove("GATE_LEDGER_URL");
@@ -241,8 +246,14 @@ fn gate_command(env: &[(String, String)], args: &[&str]) -> Command {
 impl ChildGate {
     /// Start `serve` on fresh ports and wait until /healthz answers.
     async fn start(env: &[(String, String)], args: &[&str], stderr: Stdio) -> ChildGate {
+        ChildGate::spawn(gate_command(env, args), stderr).await
+    }
+
+    /// Start `cmd` (a [`gate_command`]) on fresh ports and wait until /healthz
+    /// answers.
+    async fn spawn(mut cmd: Command, stderr: Stdio) -> ChildGate {
         let (addr, admin) = (free_addr(), free_addr());
-        let child = gate_command(env, args)
+        let child = cmd
             .env("GATE_LISTEN", addr.to_string())
             .env("GATE_ADMIN_LISTEN", admin.to_string())
             .stdout(Stdio::null())
@@ -406,6 +417,92 @@ async fn sigkill_under_load_then_restart_verifies_and_charges_every_accepted_dra
 async fn sigkill_under_load_on_the_postgres_ledger_charges_every_accepted_draw() {
     if let Some(store) = Store::postgres() {
         crash_under_load(store).await;
+    }
+}
+
+/// The scheduling policy (`/proc/PID/task/TID/stat`, field 41: 0 normal,
+/// 3 batch) of each of a process's threads, with the thread's name.
+fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let dir = format!("/proc/{pid}/task");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(Result::ok)
+        .filter_map(|t| {
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+            // The name in brackets may hold spaces: fields after it start at 3.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let policy = rest.split_whitespace().nth(41 - 3)?.parse().ok()?;
+            Some((name.trim_end().to_string(), policy))
+        })
+        .collect()
+}
+
+/// On one CPU the gate's batch threads run under `SCHED_BATCH`
+/// (`src/sched.rs`): handing them a job does not preempt the worker that hands
+/// it over, so their batches fill. The runtime's workers, which answer the
+/// clients, keep the default policy (threads inherit their starter's policy),
+/// and with more CPUs nothing changes.
+#[tokio::test]
+async fn on_one_cpu_the_gates_writer_threads_run_as_sched_batch_and_its_workers_do_not() {
+    let sim = start_sim(SimConfig::default()).await;
+    // Linux's number for SCHED_BATCH (include/uapi/linux/sched.h); 0 is the default.
+    const BATCH: u32 = 3;
+    let first_cpu = first_allowed_cpu();
+    let more_cpus = std::thread::available_parallelism().unwrap().get() > 1;
+
+    for one_cpu in [true, false] {
+        if !one_cpu && !more_cpus {
+            eprintln!("this machine has one CPU: the gate on more than one was NOT run");
+            continue;
+        }
+        let data = tempfile::tempdir().unwrap();
+        // At process-crash durability there is a WAL flusher thread too.
+        let cfg = data.path().join("gate.toml");
+        std::fs::write(&cfg, "[ledger]\ndurability = \"process-crash\"\n").unwrap();
+        let admin_token = "sched-admin-token-77c1";
+        let env = gate_env(&sim, data.path(), admin_token);
+        let args = ["--config", cfg.to_str().unwrap(), "serve"];
+        let cmd = if one_cpu {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", &first_cpu, env!("CARGO_BIN_EXE_chuzhan-gate")]);
+            with_gate_env(taskset, &env, &args)
+        } else {
+            gate_command(&env, &args)
+        };
+        let gate = ChildGate::spawn(cmd, Stdio::null()).await;
+        // A draw, so that whatever starts on first use has started.
+        let http = reqwest::Client::new();
+        let body = json!({"name": "sched", "budget": 100});
+        let (_, secret) = create_key(&http, gate.admin, admin_token, body).await;
+        let url = format!("http://{}{DRAW}", gate.addr);
+        let v = post_as(&http, &url, &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+
+        let threads = thread_policies(gate.pid());
+        let want = if one_cpu { BATCH } else { 0 };
+        for name in ["ledger-writer", "ledger-flusher", "audit-writer"] {
+            let got: Vec<u32> = threads
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, p)| *p)
+                .collect();
+            assert_eq!(
+                got,
+                vec![want],
+                "{name}, one CPU: {one_cpu}, in {threads:?}"
+            );
+        }
+        let workers: Vec<u32> = threads
+            .iter()
+            .filter(|(n, _)| n.starts_with("tokio-rt-worker"))
+            .map(|(_, p)| *p)
+            .collect();
+        assert!(!workers.is_empty(), "no runtime workers in {threads:?}");
+        assert!(
+            workers.iter().all(|&p| p == 0),
+            "a runtime worker left the default policy: {threads:?}"
+        );
     }
 }
 

@@ -362,6 +362,7 @@ impl Audit {
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || {
+                crate::sched::batch_thread_started("audit-writer");
                 state.run(rx, &thread_stop);
                 // The guard may be gone already; nobody to tell then.
                 let _ = done_tx.send(());

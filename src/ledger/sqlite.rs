@@ -1005,6 +1005,9 @@ impl SqliteLedger {
             std::thread::Builder::new()
                 .name("ledger-writer".into())
                 .spawn(move || {
+                    // Batches fill while the workers run (`crate::sched`);
+                    // the flusher, started from here, inherits the policy.
+                    crate::sched::batch_thread_started("ledger-writer");
                     let stop = AtomicBool::new(false);
                     std::thread::scope(|s| {
                         if let Some(wal) = &wal {

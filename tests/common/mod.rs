@@ -326,3 +326,16 @@ pub async fn exit_of(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The first CPU this process may run on (`Cpus_allowed_list`), for `taskset`.
+pub fn first_allowed_cpu() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list in /proc/self/status");
+    list.trim()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect()
+}
