@@ -13,8 +13,8 @@
 //! `SCHED_BATCH`: the same share of the CPU as any other thread (it is not a
 //! priority), but its wake-ups do not preempt the running thread. The worker
 //! then goes on to the next ready request, or parks, and the writer finds a
-//! fuller batch: ×1.32 the draws per second at ×0.74 the CPU per draw, and a
-//! lower p50 and p99 at a fixed rate. With two cores shared with the load
+//! fuller batch: ×1.27 the draws per second at ×0.78 the CPU per draw, and a
+//! lower p50 and p99 at a fixed rate (0.32 context switches per draw). With two cores shared with the load
 //! generator the same change measured ×0.87–0.93 (a writer woken while both
 //! cores are busy waits for a time slice to end, and each draw waits for two
 //! of its commits), so with more than one CPU the threads keep the default
