@@ -979,6 +979,19 @@ fn drawing_clients(
         .collect()
 }
 
+/// Waits until [`drawing_clients`] have counted a refusal; fails after `secs`
+/// seconds of draws on `disk` with none.
+async fn until_refused(refusals: &AtomicU64, secs: u64, disk: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while refusals.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{secs} s of draws on {disk}, none refused"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// After the ledger stopped: every billed draw is refused before it is
 /// forwarded, and `/readyz` answers 503. Returns what it says of the ledger.
 async fn refuses_closed(env: &Env, secret: &str) -> String {
@@ -1056,14 +1069,7 @@ async fn a_disk_filling_while_draws_are_upstream_loses_no_charge() {
     let filler = disk.fill();
     // The WAL may still have room it took before (SQLite reuses it from the
     // start after a checkpoint): draw until the ledger refuses, then a little.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while refusals.load(Ordering::Relaxed) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "30 s of draws on a full disk, none refused"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_refused(&refusals, 30, "a full disk").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut refused) = (0, Vec::new());
@@ -2515,14 +2521,7 @@ async fn a_failed_commit_sync_at_power_loss_durability_stops_the_gate_and_a_powe
     let stop = Arc::new(AtomicBool::new(false));
     let refusals = Arc::new(AtomicU64::new(0));
     let clients = drawing_clients(&env, &secret, 16, &stop, &refusals);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while refusals.load(Ordering::Relaxed) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "60 s of draws on a failing disk, none refused"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_refused(&refusals, 60, "a failing disk").await;
     stop.store(true, Ordering::Relaxed);
     let (mut answered_ok, mut refused) = (20u64, 0);
     for c in clients {
