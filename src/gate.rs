@@ -16,7 +16,7 @@
 //! - a settlement is durable before the client gets its answer (in the ledger, or,
 //!   while a shared store is away, in the held settlements' file: `crate::held`).
 
-use crate::audit::Audit;
+use crate::audit::{Audit, Fields};
 use crate::clock::SharedClock;
 use crate::config::{Config, RejectStatus, UnknownOutcome};
 use crate::envelope::{self, Code};
@@ -33,7 +33,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1382,59 +1381,78 @@ fn decision(result: &Result<Outcome, Reject>) -> &'static str {
 /// Audit: one record per decision, written off the hot path (the audit queue waits
 /// rather than drops when full).
 async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
-    let mut m = Map::new();
-    m.insert("event".into(), Value::from("request"));
-    m.insert("request_id".into(), Value::from(t.id.as_str()));
-    if let Some(k) = &t.key {
-        m.insert("key_id".into(), Value::from(k.id.as_str()));
-        m.insert("key_name".into(), Value::from(k.name()));
-    }
-    m.insert("endpoint".into(), Value::from(t.path.as_str()));
-    m.insert("decision".into(), Value::from(decision(result)));
-    if let Err(r) = result {
-        m.insert("code".into(), Value::from(r.code.as_i64()));
-        m.insert("reason".into(), Value::from(r.msg.as_str()));
-    }
+    // In name order, the order of the line (see `audit::Fields`).
+    let mut f = gate.audit.fields();
     if let Some(q) = &t.quote {
-        m.insert("price".into(), Value::from(q.points.get()));
-        m.insert(
-            "breakdown".into(),
-            serde_json::to_value(&q.breakdown).unwrap_or(Value::Null),
-        );
-        m.insert("table_version".into(), Value::from(&*q.version));
+        f.objects("breakdown", &q.breakdown, breakdown_item);
     }
     if let Some(c) = t.charged {
-        m.insert("charged".into(), Value::from(c.get()));
+        f.u64("charged", c.get());
+    }
+    if let Err(r) = result {
+        f.i64("code", r.code.as_i64());
+    }
+    f.str("decision", decision(result))
+        .str("endpoint", &t.path)
+        .str("event", "request");
+    if let Some(k) = &t.key {
+        f.str("key_id", k.id.as_str()).str("key_name", k.name());
+    }
+    f.f64("latency_ms", t.started.elapsed().as_secs_f64() * 1000.0);
+    if let Some(n) = &t.note {
+        f.str("note", n);
+    }
+    if let Some(q) = &t.quote {
+        f.u64("price", q.points.get());
+    }
+    if let Err(r) = result {
+        f.str("reason", &r.msg);
     }
     if let Some(s) = &t.settled {
-        m.insert(
-            "settlement".into(),
-            serde_json::to_value(s).unwrap_or(Value::Null),
-        );
-        m.insert("remaining".into(), Value::from(s.remaining.get()));
+        f.u64("remaining", s.remaining.get());
     }
-    if let Some(s) = t.upstream_status {
-        m.insert("upstream_status".into(), Value::from(s));
+    f.str("request_id", &t.id);
+    if let Some(s) = &t.settled {
+        f.object("settlement", |o| settlement_fields(o, s));
     }
-    if let Some(c) = t.upstream_code {
-        m.insert("upstream_code".into(), Value::from(c));
+    if let Some(q) = &t.quote {
+        f.str("table_version", &q.version);
     }
     if let Some(id) = &t.task_id {
-        m.insert("task_id".into(), Value::from(id.as_str()));
+        f.str("task_id", id);
     }
-    if let Some(n) = &t.note {
-        m.insert("note".into(), Value::from(n.as_str()));
+    if let Some(c) = t.upstream_code {
+        f.i64("upstream_code", c);
     }
-    m.insert(
-        "latency_ms".into(),
-        Value::from(t.started.elapsed().as_secs_f64() * 1000.0),
-    );
     if let Some(u) = t.upstream_latency {
-        m.insert("upstream_ms".into(), Value::from(u.as_secs_f64() * 1000.0));
+        f.f64("upstream_ms", u.as_secs_f64() * 1000.0);
     }
-    if let Err(e) = gate.audit.record(m).await {
+    if let Some(s) = t.upstream_status {
+        f.u64("upstream_status", s.into());
+    }
+    if let Err(e) = gate.audit.record_fields(f).await {
         tracing::error!(error = %e, "audit record failed");
     }
+}
+
+/// A term of a price in a record, as `serde_json` writes a [`pricing::Item`].
+fn breakdown_item(o: &mut Fields, item: &pricing::Item) {
+    if let Some(d) = &item.detail {
+        o.str("detail", d);
+    }
+    o.str("item", item.item).str("points", &item.points);
+}
+
+/// A settlement in a record, as `serde_json` writes a [`Settled`] (its `key` is
+/// dropped as a secret field name, as it would be from a `Map`).
+fn settlement_fields(o: &mut Fields, s: &Settled) {
+    o.str("id", s.id.as_str())
+        .str("key", s.key.as_str())
+        .str("kind", s.kind.as_str())
+        .u64("overage", s.overage.get())
+        .u64("points", s.points.get())
+        .u64("remaining", s.remaining.get())
+        .bool("replay", s.replay);
 }
 
 /// One audit record per ledger transition of a request (reserve, commit, void).
@@ -1448,15 +1466,15 @@ async fn audit_transition(
     points: Points,
     remaining: Points,
 ) {
-    let mut m = Map::new();
-    m.insert("event".into(), Value::from("ledger"));
-    m.insert("transition".into(), Value::from(transition));
-    m.insert("request_id".into(), Value::from(id.as_str()));
-    m.insert("key_id".into(), Value::from(key.as_str()));
-    m.insert("key_name".into(), Value::from(key_name));
-    m.insert("points".into(), Value::from(points.get()));
-    m.insert("remaining".into(), Value::from(remaining.get()));
-    if let Err(e) = gate.audit.record(m).await {
+    let mut f = gate.audit.fields();
+    f.str("event", "ledger")
+        .str("key_id", key.as_str())
+        .str("key_name", key_name)
+        .u64("points", points.get())
+        .u64("remaining", remaining.get())
+        .str("request_id", id.as_str())
+        .str("transition", transition);
+    if let Err(e) = gate.audit.record_fields(f).await {
         tracing::error!(error = %e, "audit record failed");
     }
 }
@@ -1465,4 +1483,67 @@ async fn audit_transition(
 /// (see `TransferId::fresh`).
 fn new_request_id() -> String {
     TransferId::fresh().0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::SettleKind;
+    use serde_json::{Map, Value};
+
+    /// What `serde_json` and `audit::scrub` make of `v` as a record field.
+    fn scrubbed(v: impl serde::Serialize) -> Value {
+        let mut m = Map::new();
+        m.insert("v".into(), serde_json::to_value(v).unwrap_or(Value::Null));
+        crate::audit::scrub(&mut m, false);
+        m.remove("v").unwrap_or(Value::Null)
+    }
+
+    /// The value of the one field `build` adds, as written in a line.
+    fn written(build: impl FnOnce(&mut Fields)) -> Value {
+        let mut f = Audit::disabled().fields();
+        build(&mut f);
+        let mut line = f.encode();
+        line[0] = b'{';
+        line.push(b'}');
+        serde_json::from_slice::<Value>(&line).unwrap_or(Value::Null)["v"].take()
+    }
+
+    #[test]
+    fn the_records_nested_values_are_what_serde_makes_of_their_types() {
+        let items = vec![
+            pricing::Item {
+                item: "base",
+                points: "12.00095232".into(),
+                detail: Some("768×1024×20×0.000000763".into()),
+            },
+            pricing::Item {
+                item: "rounding",
+                points: "-0.00095232".into(),
+                detail: None,
+            },
+        ];
+        assert_eq!(
+            written(|f| {
+                f.objects("v", &items, breakdown_item);
+            }),
+            scrubbed(&items)
+        );
+        for (kind, replay) in [(SettleKind::Commit, false), (SettleKind::Refund, true)] {
+            let s = Settled {
+                key: KeyId("key_a".into()),
+                id: TransferId("r1".into()),
+                kind,
+                points: Points(7),
+                overage: Points(2),
+                remaining: Points(93),
+                replay,
+            };
+            let w = written(|f| {
+                f.object("v", |o| settlement_fields(o, &s));
+            });
+            assert_eq!(w, scrubbed(&s));
+            assert_eq!(w["kind"], Value::from(kind.as_str()));
+        }
+    }
 }

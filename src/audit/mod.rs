@@ -25,7 +25,8 @@
 //!   the log); the first record of a new file links to the last one of the file
 //!   before it.
 //! - the record's own fields follow in the order `serde_json::Map` iterates them
-//!   (sorted by key, as this crate does not enable serde_json's `preserve_order`).
+//!   (sorted by key, as this crate does not enable serde_json's `preserve_order`);
+//!   a record built with [`Fields`] has its fields in the same order.
 //! - `hash` is always the last field. It is the hex SHA-256 of the **canonical
 //!   bytes**: the line exactly as written, up to but excluding `,"hash":"`, followed
 //!   by a single `}`. `verify` recomputes it from the written bytes, so no
@@ -104,10 +105,12 @@
 //! the writer records `{"event":"head_mismatch",...}` before anything else, so that
 //! the evidence is not lost when the head moves on.
 
+mod fields;
 mod read;
 mod verify;
 mod writer;
 
+pub use fields::Fields;
 pub use read::{has_ledger_record, query, tail, Filter, Follower};
 pub use verify::{verify, verify_cmd, Break, BreakKind, VerifyReport};
 
@@ -433,6 +436,25 @@ impl Audit {
         let fields = writer::encode_fields(&rec).map_err(|e| AuditError::Write(e.to_string()))?;
         drop(rec); // here, before the task can move to another worker
         tx.send(Msg::Record(fields))
+            .await
+            .map_err(|_| AuditError::Closed)
+    }
+
+    /// An empty record to build field by field and send with
+    /// [`record_fields`](Audit::record_fields): the same line as a `Map` with the
+    /// same entries, without the map (see [`Fields`]).
+    pub fn fields(&self) -> Fields {
+        Fields::new(self.log_prompts)
+    }
+
+    /// Queue one record built with [`fields`](Audit::fields), as
+    /// [`record`](Audit::record) queues a `Map`.
+    pub async fn record_fields(&self, rec: Fields) -> Result<(), AuditError> {
+        if let Some(name) = rec.reserved() {
+            return Err(AuditError::ReservedField(name.to_string()));
+        }
+        let Some(tx) = &self.tx else { return Ok(()) };
+        tx.send(Msg::Record(rec.encode()))
             .await
             .map_err(|_| AuditError::Closed)
     }

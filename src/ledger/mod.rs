@@ -342,7 +342,8 @@ pub enum SettleKind {
 }
 
 impl SettleKind {
-    fn as_str(self) -> &'static str {
+    /// The name used in records (as serialized).
+    pub fn as_str(self) -> &'static str {
         match self {
             SettleKind::Commit => "commit",
             SettleKind::Void => "void",
