@@ -542,11 +542,19 @@ fn split_hash(line: &[u8]) -> Option<(&[u8], &str)> {
 
 /// Hex SHA-256 of `body` followed by `}`: the canonical bytes of a record.
 fn canonical_hash(body: &[u8]) -> String {
+    String::from_utf8_lossy(&canonical_hash_hex(body)).into_owned()
+}
+
+/// [`canonical_hash`] as bytes, without an allocation (the writer's path).
+fn canonical_hash_hex(body: &[u8]) -> [u8; 64] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(body);
     h.update(b"}");
-    hex::encode(h.finalize())
+    let mut hex = [0u8; 64];
+    // 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(h.finalize(), &mut hex);
+    hex
 }
 
 /// One log file, identified by its name.

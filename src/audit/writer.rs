@@ -1,7 +1,7 @@
 //! The writer thread: recovery on open, batching, rotation, syncing, the head file.
 
 use super::{
-    canonical_hash, file_name, list_files, parse_line, read_head, AuditError, Head, Health,
+    canonical_hash_hex, file_name, list_files, parse_line, read_head, AuditError, Head, Health,
     LogFile, Msg, CURRENT_LINK, GENESIS, HEAD_FILE,
 };
 use crate::clock::SharedClock;
@@ -95,6 +95,11 @@ pub(super) struct Writer {
     head_at: Option<Instant>,
     /// Whether the I/O path gave up (only after a stop was asked).
     gave_up: bool,
+    /// The last `ts` written and the millisecond it names: the records of one
+    /// millisecond share it.
+    ts: (i64, String),
+    /// The line being encoded, kept for its room.
+    line: Vec<u8>,
     /// Told of every failed and successful attempt.
     health: Arc<Health>,
 }
@@ -126,6 +131,8 @@ impl Writer {
             head_at: None,
             gave_up: false,
             health: Arc::default(),
+            ts: (i64::MIN, String::new()),
+            line: Vec::new(),
             s,
         };
         let mut partial: Option<(String, u64)> = None;
@@ -344,30 +351,52 @@ impl Writer {
     fn encode(&mut self, fields: &[u8]) -> std::io::Result<()> {
         let now = self.clock.now();
         let day = now.date_naive();
+        let millis = now.timestamp_millis();
+        if self.ts.0 != millis {
+            self.ts = (millis, now.to_rfc3339_opts(SecondsFormat::Millis, true));
+        }
 
-        let mut line = Vec::with_capacity(128 + fields.len());
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
         line.extend_from_slice(b"{\"ts\":\"");
-        line.extend_from_slice(now.to_rfc3339_opts(SecondsFormat::Millis, true).as_bytes());
+        line.extend_from_slice(self.ts.1.as_bytes());
         line.extend_from_slice(b"\",\"seq\":");
-        line.extend_from_slice(self.next_seq.to_string().as_bytes());
+        // Writing to a Vec cannot fail.
+        let _ = write!(line, "{}", self.next_seq);
         line.extend_from_slice(b",\"prev\":\"");
         line.extend_from_slice(self.prev.as_bytes());
         line.push(b'"');
         line.extend_from_slice(fields);
-        let hash = canonical_hash(&line);
+        let hash = canonical_hash_hex(&line);
         line.extend_from_slice(b",\"hash\":\"");
-        line.extend_from_slice(hash.as_bytes());
+        line.extend_from_slice(&hash);
         line.extend_from_slice(b"\"}\n");
 
-        self.rotate_if_needed(day, line.len() as u64)?;
-        if self.pending.len() + line.len() > MAX_PENDING {
-            self.sync()?;
+        let room = self
+            .rotate_if_needed(day, line.len() as u64)
+            .and_then(|()| {
+                if self.pending.len() + line.len() > MAX_PENDING {
+                    self.sync()?;
+                }
+                Ok(())
+            });
+        if room.is_ok() {
+            self.pending.extend_from_slice(&line);
+            let hash = std::str::from_utf8(&hash).unwrap_or_default();
+            self.prev.clear();
+            self.prev.push_str(hash);
+            match &mut self.last {
+                Some((seq, last)) => {
+                    *seq = self.next_seq;
+                    last.clear();
+                    last.push_str(hash);
+                }
+                None => self.last = Some((self.next_seq, hash.to_string())),
+            }
+            self.next_seq += 1;
         }
-        self.pending.extend_from_slice(&line);
-        self.last = Some((self.next_seq, hash.clone()));
-        self.next_seq += 1;
-        self.prev = hash;
-        Ok(())
+        self.line = line;
+        room
     }
 
     fn rotate_if_needed(&mut self, day: NaiveDate, line_len: u64) -> std::io::Result<()> {
