@@ -1398,7 +1398,7 @@ async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
     if let Some(k) = &t.key {
         f.str("key_id", k.id.as_str()).str("key_name", k.name());
     }
-    f.f64("latency_ms", t.started.elapsed().as_secs_f64() * 1000.0);
+    f.f64("latency_ms", millis(t.started.elapsed()));
     if let Some(n) = &t.note {
         f.str("note", n);
     }
@@ -1425,7 +1425,7 @@ async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
         f.i64("upstream_code", c);
     }
     if let Some(u) = t.upstream_latency {
-        f.f64("upstream_ms", u.as_secs_f64() * 1000.0);
+        f.f64("upstream_ms", millis(u));
     }
     if let Some(s) = t.upstream_status {
         f.u64("upstream_status", s.into());
@@ -1433,6 +1433,12 @@ async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
     if let Err(e) = gate.audit.record_fields(f).await {
         tracing::error!(error = %e, "audit record failed");
     }
+}
+
+/// A duration in milliseconds to the microsecond, for records: `2.978`, not
+/// `2.9783589999999998`.
+fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 /// A term of a price in a record, as `serde_json` writes a [`pricing::Item`].
@@ -1507,6 +1513,16 @@ mod tests {
         line[0] = b'{';
         line.push(b'}');
         serde_json::from_slice::<Value>(&line).unwrap_or(Value::Null)["v"].take()
+    }
+
+    #[test]
+    fn durations_in_records_are_milliseconds_to_the_microsecond() {
+        assert_eq!(millis(Duration::from_nanos(2_978_358_999)), 2978.358);
+        assert_eq!(millis(Duration::from_nanos(2_978_999)), 2.978);
+        assert_eq!(
+            serde_json::to_string(&millis(Duration::from_nanos(2_978_358))).ok(),
+            Some("2.978".into())
+        );
     }
 
     #[test]
