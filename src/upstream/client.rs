@@ -207,7 +207,11 @@ mod tests {
     #[test]
     fn a_paths_url_is_the_parse_of_base_and_path_and_only_query_free_paths_are_kept() {
         let up = upstream("http://127.0.0.1:9/prefix");
-        for path in ["/aiapi/v1/draw", "/a/../b%20c", "/aiapi/v1/draw?taskId=1&x=%41"] {
+        for path in [
+            "/aiapi/v1/draw",
+            "/a/../b%20c",
+            "/aiapi/v1/draw?taskId=1&x=%41",
+        ] {
             let expected = reqwest::Url::parse(&format!("http://127.0.0.1:9/prefix{path}"))
                 .map(|u| u.to_string())
                 .ok();
