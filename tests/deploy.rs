@@ -208,18 +208,6 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The pid of `parent`'s one child (the traced gate under `strace`).
-fn only_child(parent: u32) -> u32 {
-    let path = format!("/proc/{parent}/task/{parent}/children");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let kids: Vec<u32> = text
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
-    assert_eq!(kids.len(), 1, "{path}: {text}");
-    kids[0]
-}
-
 /// One line of `strace -f` output: the call's name and the rest, or `None` for
 /// signals, exits and resumptions (their call was counted where it started).
 fn traced_call(line: &str) -> Option<(&str, &str)> {
@@ -361,7 +349,7 @@ async fn the_gate_keeps_to_the_systemd_units_sandbox() {
         std::io::Read::read_to_string(strace.stderr.as_mut().unwrap(), &mut err).unwrap();
         panic!("the gate exited in the sandbox at start: {st}\n{err}");
     }
-    let gate_pid = only_child(strace.id());
+    let gate_pid = common::only_child(strace.id());
 
     let body = json!({"name": "sandboxed", "budget": 1_000_000});
     let (_, secret) = common::create_key(&http, admin, admin_token, body).await;

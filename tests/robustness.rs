@@ -506,6 +506,60 @@ async fn on_one_cpu_the_gates_writer_threads_run_as_sched_batch_and_its_workers_
     }
 }
 
+/// The SQLite ledger's commits wait for a sync of its WAL, and that sync is
+/// `fdatasync`, as in SQLite's own Linux builds: the bundled build calls
+/// `fsync` unless compiled with `HAVE_FDATASYNC` (`.cargo/config.toml`), and an
+/// `fsync` also writes the file's inode whenever its mtime moved. Traced on the
+/// real binary with `strace -y`, which names each call's file.
+#[tokio::test]
+async fn the_sqlite_ledger_syncs_its_wal_with_fdatasync() {
+    let sim = start_sim(SimConfig::default()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let trace = tmp.path().join("trace");
+    let admin_token = "fdatasync-admin-token-31d0";
+    let env = gate_env(&sim, &data, admin_token);
+    let mut strace = Command::new("strace");
+    strace
+        .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&trace)
+        .args(["--", env!("CARGO_BIN_EXE_chuzhan-gate")]);
+    let mut gate = ChildGate::spawn(with_gate_env(strace, &env, &["serve"]), Stdio::null()).await;
+
+    let http = reqwest::Client::new();
+    let body = json!({"name": "fdatasync", "budget": 1000});
+    let (_, secret) = create_key(&http, gate.admin, admin_token, body).await;
+    let url = format!("http://{}{DRAW}", gate.addr);
+    const DRAWS: usize = 10;
+    for _ in 0..DRAWS {
+        let v = post_as(&http, &url, &secret, SEED_768).await;
+        assert_eq!(v["code"], 0, "{v}");
+    }
+    // SAFETY: kill sends a signal to a pid we started; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(only_child(gate.pid()) as i32, libc::SIGTERM) },
+        0
+    );
+    let status = exit_of(&mut gate.child, Duration::from_secs(30)).await;
+    assert!(status.success(), "strace and the gate: {status}");
+
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let syncs = |call: &str, file: &str| {
+        text.lines()
+            .filter(|l| l.contains(&format!(" {call}(")) && l.contains(&format!("/{file}>")))
+            .count()
+    };
+    // A reservation and a commit per draw; sequential draws cannot share one.
+    let wal = syncs("fdatasync", "ledger.db-wal");
+    assert!(
+        wal >= 2 * DRAWS,
+        "{wal} fdatasyncs of the WAL for {DRAWS} draws:\n{text}"
+    );
+    for file in ["ledger.db-wal", "ledger.db"] {
+        assert_eq!(syncs("fsync", file), 0, "fsync of {file}:\n{text}");
+    }
+}
+
 /// SIGKILL a gate under load, restart it on the same store, and compare what it
 /// charged with what the simulator says it accepted.
 async fn crash_under_load(store: Store) {

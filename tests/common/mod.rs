@@ -339,3 +339,15 @@ pub fn first_allowed_cpu() -> String {
         .take_while(char::is_ascii_digit)
         .collect()
 }
+
+/// The pid of `parent`'s one child (a gate run under `strace`).
+pub fn only_child(parent: u32) -> u32 {
+    let path = format!("/proc/{parent}/task/{parent}/children");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let kids: Vec<u32> = text
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 1, "{path}: {text}");
+    kids[0]
+}
