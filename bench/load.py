@@ -544,13 +544,21 @@ def measure_max(name: str, url: str, token: str | list[str], sim: Sim, a, tmp: P
     return res, ok
 
 
-def measure_rates(targets: list[tuple[Row, str, str]], rate: int, sim: Sim, a, oha: str) -> None:
+def measure_rates(targets: list[tuple[Row, str, str]], rate: int, sim: Sim, a, oha: str,
+                  probe_dir: Path) -> list[tuple[float, float, float]]:
     """a.repeats rounds of fixed-rate runs at `rate`, one run per target in turn, so that
     every target sees the same phases of the shared machine (a stray stall moves one
     run's p99 by tens of ms); per target, the run with the median p99 is kept in
-    row.rate[rate], with every run's p99."""
+    row.rate[rate], with every run's p99. Returns the disk's sync time (fsync_ms in
+    probe_dir) before each round: after the max runs have written gigabytes, this
+    machine's syncs stay several times slower for minutes, and a durable gate's
+    fixed-rate runs wait for them."""
     runs: dict[str, list[RateResult]] = {row.target: [] for row, _, _ in targets}
+    syncs = []
     for _ in range(a.repeats):
+        syncs.append(fsync_ms(probe_dir))
+        log(f"disk before the round at {rate}/s: a 4 KiB write + fdatasync {syncs[-1][0]:.2f} ms median, "
+            f"{syncs[-1][2]:.2f} ms p99")
         for row, url, token in targets:
             before = sim.accepted_draws()
             r = run_oha_rate(oha, url, token, a.connections, a.seconds, rate)
@@ -567,6 +575,7 @@ def measure_rates(targets: list[tuple[Row, str, str]], rate: int, sim: Sim, a, o
         row.rate[rate] = best
         log(f"{row.target} @ {rate}/s: achieved {best.achieved:,.0f}/s, p50 {best.p50_ms:.3f} ms, "
             f"p99 {best.p99_ms:.3f} ms (p99 of the runs: {', '.join(f'{x:.2f}' for x in best.p99_runs)})")
+    return syncs
 
 
 def gate_state(g: Gate) -> dict:
@@ -719,8 +728,8 @@ def memory_run(procs: Procs, bin_: str, sim: Sim, a, oha: str | None, tmp: Path)
     }
 
 
-def fsync_ms(dir_: Path, n: int = 200) -> tuple[float, float]:
-    """Median and p90 time of a 4 KiB write + fdatasync in dir_: what a durable commit costs."""
+def fsync_ms(dir_: Path, n: int = 200) -> tuple[float, float, float]:
+    """Median, p90 and p99 time of a 4 KiB write + fdatasync in dir_: what a durable commit costs."""
     path = dir_ / "fsync-probe"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     times = []
@@ -734,7 +743,7 @@ def fsync_ms(dir_: Path, n: int = 200) -> tuple[float, float]:
         os.close(fd)
         path.unlink()
     times.sort()
-    return times[len(times) // 2], times[len(times) * 9 // 10]
+    return times[len(times) // 2], times[len(times) * 9 // 10], times[len(times) * 99 // 100]
 
 
 def machine() -> dict:
@@ -789,7 +798,12 @@ def render(rows: list[Row], mem: dict | None, m: dict, a, cmd: str, tools: dict,
            f"generators on CPU {a.pin[1]}; the PostgreSQL server unpinned)" if a.pin else "")
         + ". Disk: a "
         f"4 KiB write + `fdatasync` in the data directory took {m['fsync_ms'][0]:.2f} ms median, "
-        f"{m['fsync_ms'][1]:.2f} ms p90 (it varies with the other work on the machine); "
+        f"{m['fsync_ms'][1]:.2f} ms p90, {m['fsync_ms'][2]:.2f} ms p99 at the start"
+        + (", and before each round of the SQLite gate's fixed-rate runs (after its max runs) "
+           + ", ".join(f"{p50:.2f}/{p99:.2f}" for p50, _, p99 in m["sync_at_rates"]) + " ms (median/p99)"
+           if m.get("sync_at_rates") else "")
+        + " (it varies with the other work on the machine, and stays slower for minutes after "
+        f"gigabytes are written); "
         f"1-min load average at the start {m['load']:.1f}"
         + ("; the run's processes at nice −10." if m["priority"] else ".")
     )
@@ -1166,7 +1180,7 @@ def main() -> int:
             at_rate_sql.append((row, url, "client-token"))
 
         # Latency at half the SQLite gate's max, every target in each round.
-        measure_rates(at_rate_sql, rate_sql, sim, a, oha)
+        env_info["sync_at_rates"] = measure_rates(at_rate_sql, rate_sql, sim, a, oha, tmp)
         time.sleep(1)
         env_info["sql_after"] = gate_state(g_sql)
         for p in [g_sql.proc] + ([g_shm.proc] if g_shm else []):
@@ -1191,7 +1205,7 @@ def main() -> int:
                 rate_pg = max(1, int(row.max.rps / 2))
                 gate_rate_for[row.target] = rate_pg
                 measure_rates([(direct, sim.url + DRAW_PATH, SIM_TOKEN), (row, g_pg.url + DRAW_PATH, g_pg.key)],
-                              rate_pg, sim, a, oha)
+                              rate_pg, sim, a, oha, tmp)
                 if a.pg_keys > 1:
                     # One key means one hot account row that every reservation locks in
                     # turn; a fleet's load is spread over many keys.
