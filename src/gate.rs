@@ -1381,54 +1381,44 @@ fn decision(result: &Result<Outcome, Reject>) -> &'static str {
 /// Audit: one record per decision, written off the hot path (the audit queue waits
 /// rather than drops when full).
 async fn audit(gate: &Gate, t: &Trace, result: &Result<Outcome, Reject>) {
-    // In name order, the order of the line (see `audit::Fields`).
     let mut f = gate.audit.fields();
+    f.str("event", "request")
+        .str("request_id", &t.id)
+        .str("endpoint", &t.path)
+        .str("decision", decision(result));
+    if let Some(k) = &t.key {
+        f.str("key_id", k.id.as_str()).str("key_name", k.name());
+    }
+    if let Err(r) = result {
+        f.i64("code", r.code.as_i64()).str("reason", &r.msg);
+    }
     if let Some(q) = &t.quote {
-        f.objects("breakdown", &q.breakdown, breakdown_item);
+        f.u64("price", q.points.get())
+            .objects("breakdown", &q.breakdown, breakdown_item)
+            .str("table_version", &q.version);
     }
     if let Some(c) = t.charged {
         f.u64("charged", c.get());
     }
-    if let Err(r) = result {
-        f.i64("code", r.code.as_i64());
-    }
-    f.str("decision", decision(result))
-        .str("endpoint", &t.path)
-        .str("event", "request");
-    if let Some(k) = &t.key {
-        f.str("key_id", k.id.as_str()).str("key_name", k.name());
-    }
-    f.f64("latency_ms", millis(t.started.elapsed()));
-    if let Some(n) = &t.note {
-        f.str("note", n);
-    }
-    if let Some(q) = &t.quote {
-        f.u64("price", q.points.get());
-    }
-    if let Err(r) = result {
-        f.str("reason", &r.msg);
-    }
     if let Some(s) = &t.settled {
-        f.u64("remaining", s.remaining.get());
+        f.object("settlement", |o| settlement_fields(o, s))
+            .u64("remaining", s.remaining.get());
     }
-    f.str("request_id", &t.id);
-    if let Some(s) = &t.settled {
-        f.object("settlement", |o| settlement_fields(o, s));
-    }
-    if let Some(q) = &t.quote {
-        f.str("table_version", &q.version);
-    }
-    if let Some(id) = &t.task_id {
-        f.str("task_id", id);
+    if let Some(s) = t.upstream_status {
+        f.u64("upstream_status", s.into());
     }
     if let Some(c) = t.upstream_code {
         f.i64("upstream_code", c);
     }
+    if let Some(id) = &t.task_id {
+        f.str("task_id", id);
+    }
+    if let Some(n) = &t.note {
+        f.str("note", n);
+    }
+    f.f64("latency_ms", millis(t.started.elapsed()));
     if let Some(u) = t.upstream_latency {
         f.f64("upstream_ms", millis(u));
-    }
-    if let Some(s) = t.upstream_status {
-        f.u64("upstream_status", s.into());
     }
     if let Err(e) = gate.audit.record_fields(f).await {
         tracing::error!(error = %e, "audit record failed");

@@ -123,9 +123,7 @@ impl Fields {
     }
 
     fn write_fields(&mut self, out: &mut Vec<u8>) {
-        // Few fields, added in name order where the caller can: the stable sort
-        // then makes one comparison per field, and keeps a name's values in the
-        // order they were added.
+        // A stable sort: a name added twice keeps its values in the order added.
         self.names.sort_by(|a, b| a.0.cmp(b.0));
         for (i, &(name, start, end)) in self.names.iter().enumerate() {
             if self.names.get(i + 1).is_some_and(|next| next.0 == name) {
