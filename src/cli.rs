@@ -202,6 +202,11 @@ pub enum AuditCmd {
     Verify {
         /// Audit directory or file.
         path: Option<PathBuf>,
+        /// For a directory whose older files were archived: the `seq:hash` of a
+        /// record an earlier verify printed ("last good record"). The files left
+        /// are checked from their first record, and must hold that record.
+        #[arg(long, value_name = "SEQ:HASH")]
+        anchor: Option<crate::audit::Anchor>,
     },
 }
 
@@ -262,8 +267,8 @@ async fn run(cmd: Cmd, cfg: Config) -> i32 {
             keys_cmd(&client, a.cmd, a.json).await
         }
         Cmd::Audit(a) => match a.cmd {
-            AuditCmd::Verify { path } => {
-                crate::audit::verify_cmd(&path.unwrap_or_else(|| cfg.audit_dir()))
+            AuditCmd::Verify { path, anchor } => {
+                crate::audit::verify_cmd(&path.unwrap_or_else(|| cfg.audit_dir()), anchor.as_ref())
             }
             cmd => {
                 let client = AdminClient::new(&cfg, a.admin_url);

@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use chuzhan_gate::audit::{
-    self, query, tail, verify, verify_cmd, Audit, AuditConfig, AuditError, AuditWriter, BreakKind,
-    Filter, Follower,
+    self, query, tail, verify, verify_cmd, verify_from, Anchor, Audit, AuditConfig, AuditError,
+    AuditWriter, BreakKind, Filter, Follower,
 };
 use chuzhan_gate::clock::{ManualClock, SharedClock};
 use serde_json::{json, Map, Value};
@@ -127,7 +127,10 @@ async fn one_file_log(n: usize) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn first_break(dir: &Path) -> audit::Break {
-    let report = verify(dir).expect("verify");
+    break_in(verify(dir).expect("verify"))
+}
+
+fn break_in(report: audit::VerifyReport) -> audit::Break {
     match report.first_break {
         Some(b) => b,
         None => panic!("expected a break, got a clean report: {report}"),
@@ -304,6 +307,110 @@ async fn verify_reports_a_deleted_first_file() {
     std::fs::remove_file(&f[0]).unwrap();
     let b = first_break(tmp.path());
     assert_eq!((b.kind, b.file), (BreakKind::MissingFile, f[1].clone()));
+}
+
+/// The break `verify_from` reports with `anchor`.
+fn anchored_break(dir: &Path, anchor: &Anchor) -> audit::Break {
+    break_in(verify_from(dir, Some(anchor)).expect("verify"))
+}
+
+#[tokio::test]
+async fn verify_with_an_anchor_checks_the_files_left_after_archiving() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("audit");
+    let clock = ManualClock::new(start());
+    let c = AuditConfig {
+        max_file_bytes: 800,
+        ..cfg(&dir)
+    };
+    let (audit, writer) = open(&c, &clock).await;
+    write_n(&audit, 0, 20).await;
+    writer.shutdown().await;
+    let report = verify(&dir).expect("verify");
+    assert!(report.first_break.is_none(), "{report}");
+    let (seq, hash) = report.last.clone().expect("a last record");
+    let anchor: Anchor = format!("{seq}:{hash}").parse().expect("anchor");
+    let f = files(&dir);
+    assert!(f.len() >= 5, "{f:?}");
+    let first_seq = field(&lines(&f[0])[0], "seq");
+
+    // Archive the two oldest files: alone, the rest no longer start at file 1.
+    let archive = tmp.path().join("archive");
+    std::fs::create_dir(&archive).expect("mkdir");
+    for old in &f[..2] {
+        std::fs::rename(old, archive.join(old.file_name().expect("name"))).expect("move");
+    }
+    assert_eq!(first_break(&dir).kind, BreakKind::MissingFile);
+    let left = verify_from(&dir, Some(&anchor)).expect("verify");
+    assert!(left.first_break.is_none(), "{left}");
+    assert_eq!(left.files, f.len() - 2);
+    assert_eq!(left.last, report.last);
+    let kept_from = field(&lines(&f[2])[0], "seq");
+    assert_eq!(
+        left.records,
+        20 - kept_from.as_u64().expect("seq") + 1,
+        "{left}"
+    );
+    assert!(
+        left.notices
+            .iter()
+            .any(|n| n.contains(&format!("checked from seq {kept_from}"))),
+        "{left}"
+    );
+    assert_eq!(verify_cmd(&dir, Some(&anchor)), 0);
+    assert_eq!(verify_cmd(&dir, None), 1);
+
+    // Another hash at the anchor's seq: the log was rewritten.
+    let other = Anchor {
+        seq,
+        hash: "0".repeat(64),
+    };
+    let b = anchored_break(&dir, &other);
+    assert_eq!((b.kind, b.seq), (BreakKind::AnchorMismatch, Some(seq)));
+    // An anchor inside the archived files cannot be checked here.
+    let early = Anchor {
+        seq: first_seq.as_u64().expect("seq"),
+        hash: field(
+            &lines(&archive.join(f[0].file_name().expect("name")))[0],
+            "hash",
+        )
+        .as_str()
+        .expect("hash")
+        .to_string(),
+    };
+    let b = anchored_break(&dir, &early);
+    assert_eq!(b.kind, BreakKind::AnchorMismatch);
+    assert!(b.detail.contains("archived"), "{}", b.detail);
+    // An anchor past the end: the tail was cut.
+    let later = Anchor {
+        seq: seq + 3,
+        hash: hash.clone(),
+    };
+    let b = anchored_break(&dir, &later);
+    assert_eq!(b.kind, BreakKind::AnchorMismatch);
+    assert!(
+        b.detail.contains(&format!("ends at seq {seq}")),
+        "{}",
+        b.detail
+    );
+
+    // The anchor does not excuse damage in the files it covers.
+    let mut ls = lines(&f[3]);
+    ls[0] = ls[0].replace("\"kind\":\"decision\"", "\"kind\":\"altered\"");
+    assert_ne!(ls[0], lines(&f[3])[0], "the edit changed nothing");
+    write_lines(&f[3], &ls);
+    assert_eq!(anchored_break(&dir, &anchor).kind, BreakKind::Edited);
+    std::fs::remove_file(&f[3]).expect("remove");
+    assert_eq!(anchored_break(&dir, &anchor).kind, BreakKind::MissingFile);
+
+    // Bad anchors are refused with a reason.
+    for bad in ["12", "x:ab", &format!("{seq}:{}", "g".repeat(64)), "3:abc"] {
+        assert!(bad.parse::<Anchor>().is_err(), "{bad}");
+    }
+    let upper: Anchor = format!("{seq}:{}", hash.to_uppercase())
+        .parse()
+        .expect("anchor");
+    assert_eq!(upper, Anchor { seq, hash });
 }
 
 #[tokio::test]
@@ -944,13 +1051,13 @@ async fn tail_and_follow_cross_file_boundaries() {
 #[tokio::test]
 async fn verify_cmd_exits_0_clean_1_broken_2_error() {
     let (tmp, path) = one_file_log(3).await;
-    assert_eq!(verify_cmd(tmp.path()), 0);
-    assert_eq!(verify_cmd(&path), 0);
+    assert_eq!(verify_cmd(tmp.path(), None), 0);
+    assert_eq!(verify_cmd(&path, None), 0);
     let mut ls = lines(&path);
     ls.remove(1);
     write_lines(&path, &ls);
-    assert_eq!(verify_cmd(tmp.path()), 1);
-    assert_eq!(verify_cmd(&tmp.path().join("nowhere")), 2);
+    assert_eq!(verify_cmd(tmp.path(), None), 1);
+    assert_eq!(verify_cmd(&tmp.path().join("nowhere"), None), 2);
 }
 
 /// One small clean log, made once: (file name, file bytes, head.json bytes).

@@ -104,7 +104,7 @@ impl Fields {
     }
 
     /// `,"name":value` for each field in name order: the bytes
-    /// [`encode_fields`](super::writer::encode_fields) makes of the same `Map`.
+    /// the writer's `encode_fields` makes of the same `Map`.
     pub fn encode(mut self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.values.len() + 16 * self.names.len());
         self.write_fields(&mut out);

@@ -63,7 +63,9 @@
 //! `head.json` still describes the longer chain; someone who can rewrite the files
 //! can also rewrite `head.json` (or regenerate the whole chain). To catch that, copy
 //! the last `seq` and `hash` that `verify` prints to somewhere the writer of the log
-//! cannot change: any later chain must still contain that record.
+//! cannot change: any later chain must still contain that record, which
+//! [`verify_from`] (`audit verify --anchor SEQ:HASH`) checks, also on the files left
+//! after older ones were archived.
 //!
 //! # Writing
 //!
@@ -112,7 +114,7 @@ mod writer;
 
 pub use fields::Fields;
 pub use read::{has_ledger_record, query, tail, Filter, Follower};
-pub use verify::{verify, verify_cmd, Break, BreakKind, VerifyReport};
+pub use verify::{verify, verify_cmd, verify_from, Anchor, Break, BreakKind, VerifyReport};
 
 use crate::clock::SharedClock;
 use serde_json::{Map, Value};

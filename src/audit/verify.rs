@@ -25,6 +25,40 @@ pub enum BreakKind {
     Malformed,
     /// `head.json` names the right `seq` with a different hash.
     HeadMismatch,
+    /// The record an [`Anchor`] names has another hash (the log was rewritten), or
+    /// is not among the files read (archived with them).
+    AnchorMismatch,
+}
+
+/// A record that an earlier `verify` printed (`last good record: ... (as an anchor: S:H)`),
+/// kept where the log's writer cannot change it. [`verify_from`] checks a log
+/// whose older files were archived against it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// The record's `seq`.
+    pub seq: u64,
+    /// Its `hash`, 64 hex digits.
+    pub hash: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    /// `SEQ:HASH`, as in `1234:9f86d0...`.
+    fn from_str(s: &str) -> Result<Anchor, String> {
+        let (seq, hash) = s
+            .split_once(':')
+            .ok_or("an anchor is SEQ:HASH, as `audit verify` prints them")?;
+        let seq = seq
+            .trim()
+            .parse()
+            .map_err(|_| format!("anchor seq {seq:?} is not a whole number"))?;
+        let hash = hash.trim().to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("an anchor's hash is 64 hex digits".into());
+        }
+        Ok(Anchor { seq, hash })
+    }
 }
 
 /// The first place where the chain does not hold.
@@ -71,6 +105,7 @@ impl fmt::Display for BreakKind {
             BreakKind::LinkMismatch => "broken link",
             BreakKind::Malformed => "malformed",
             BreakKind::HeadMismatch => "head mismatch",
+            BreakKind::AnchorMismatch => "anchor mismatch",
         })
     }
 }
@@ -106,7 +141,10 @@ impl fmt::Display for VerifyReport {
             )?,
         }
         if let Some((seq, hash)) = &self.last {
-            write!(f, "\nlast good record: seq {seq} hash {hash}")?;
+            write!(
+                f,
+                "\nlast good record: seq {seq} hash {hash} (as an anchor: {seq}:{hash})"
+            )?;
         }
         for n in &self.notices {
             write!(f, "\nnote: {n}")?;
@@ -119,20 +157,38 @@ impl fmt::Display for VerifyReport {
 /// the first record linking to 64 zeros, and `head.json`), or a single file (its
 /// records among themselves). Files are read whole, one at a time.
 pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
+    verify_from(path, None)
+}
+
+/// [`verify`], or with an `anchor` the part of a log that is left after its older
+/// files were archived: the directory's files may then start at any number (with
+/// no gaps after it), the chain is checked from its first record on, and the
+/// anchor's record must be in it with the anchor's hash. So the files kept prove
+/// to continue the chain the anchor was taken from, unchanged.
+pub fn verify_from(path: &Path, anchor: Option<&Anchor>) -> Result<VerifyReport, AuditError> {
     let meta = std::fs::metadata(path).map_err(|e| AuditError::io(path, e))?;
-    let mut v = Verifier::default();
+    let mut v = Verifier {
+        anchor: anchor.cloned(),
+        ..Verifier::default()
+    };
     if meta.is_dir() {
         let files = list_files(path)?;
-        v.whole_log = true;
-        v.expected_seq = Some(1);
-        v.prev = Some(GENESIS.to_string());
+        let first_number = match (anchor, files.first()) {
+            (Some(_), Some(f)) => f.number,
+            _ => {
+                v.whole_log = true;
+                v.expected_seq = Some(1);
+                v.prev = Some(GENESIS.to_string());
+                1
+            }
+        };
         // Read once: a live writer moves it while we walk.
         let head = read_head(path);
         if let Some(Ok(h)) = &head {
             v.head_seq = Some(h.seq);
         }
         for (i, f) in files.iter().enumerate() {
-            let expected_number = i as u64 + 1;
+            let expected_number = first_number + i as u64;
             if f.number != expected_number {
                 let missing = f.number > expected_number;
                 v.set_break(Break {
@@ -164,6 +220,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
         if v.report.first_break.is_none() {
             v.check_head(path, head, files.last());
         }
+        v.check_anchor(path, files.first());
     } else {
         let name = path
             .file_name()
@@ -177,13 +234,15 @@ pub fn verify(path: &Path) -> Result<VerifyReport, AuditError> {
         };
         v.file(&f)?;
         v.finish();
+        v.check_anchor(path, Some(&f));
     }
     Ok(v.report)
 }
 
-/// `chuzhan-gate audit verify [PATH]`: print the report; 0 clean, 1 broken, 2 error.
-pub fn verify_cmd(path: &Path) -> i32 {
-    match verify(path) {
+/// `chuzhan-gate audit verify [--anchor SEQ:HASH] [PATH]`: print the report; 0
+/// clean, 1 broken, 2 error.
+pub fn verify_cmd(path: &Path, anchor: Option<&Anchor>) -> i32 {
+    match verify_from(path, anchor) {
         Ok(report) => {
             println!("{report}");
             if report.first_break.is_none() {
@@ -212,6 +271,11 @@ struct Verifier {
     /// Hashes are not kept; only that of the record `head.json` names.
     head_seq: Option<u64>,
     head_hash_seen: Option<String>,
+    anchor: Option<Anchor>,
+    /// Whether the anchor's record was read, with the anchor's hash.
+    anchor_seen: bool,
+    /// The `seq` of the first record read.
+    first_seq: Option<u64>,
 }
 
 impl Verifier {
@@ -369,9 +433,21 @@ impl Verifier {
             )),
             _ => {}
         }
+        if let Some(a) = self.anchor.as_ref().filter(|a| a.seq == p.seq) {
+            if a.hash != p.hash {
+                let detail = format!(
+                    "the anchor gives seq {} the hash {}, the chain has {}: the log was rewritten",
+                    a.seq, a.hash, p.hash
+                );
+                self.set_break(brk(Some(p.seq), BreakKind::AnchorMismatch, detail));
+                return;
+            }
+            self.anchor_seen = true;
+        }
         if self.head_seq == Some(p.seq) {
             self.head_hash_seen = Some(p.hash.clone());
         }
+        self.first_seq.get_or_insert(p.seq);
         self.expected_seq = Some(p.seq + 1);
         self.prev = Some(p.hash.clone());
         self.report.records += 1;
@@ -391,6 +467,52 @@ impl Verifier {
                 ),
             });
         }
+    }
+
+    /// With an anchor: say where the check started, and break when the anchor's
+    /// record was not read (archived, or past the end of the chain).
+    fn check_anchor(&mut self, path: &Path, first_file: Option<&LogFile>) {
+        let Some(a) = self.anchor.clone() else {
+            return;
+        };
+        if self.report.first_break.is_some() {
+            return;
+        }
+        if let (Some(first), Some(f)) = (self.first_seq, first_file) {
+            self.report.notices.push(format!(
+                "checked from seq {first} in {} on; records before it were not read",
+                f.name
+            ));
+        }
+        if self.anchor_seen {
+            self.report
+                .notices
+                .push(format!("seq {} has the anchor's hash", a.seq));
+            return;
+        }
+        let end = self.report.last.as_ref().map_or(0, |(s, _)| *s);
+        let (file, line) = match (&self.last_pos, first_file) {
+            (Some((f, l)), _) => (f.clone(), l + 1),
+            (None, Some(f)) => (f.path.clone(), 1),
+            (None, None) => (path.to_path_buf(), 0),
+        };
+        let detail = match self.first_seq {
+            Some(first) if a.seq < first => format!(
+                "the anchor's seq {} is before the first record here (seq {first}): it was archived; take an anchor from these files, or verify them with the archive beside them",
+                a.seq
+            ),
+            _ => format!(
+                "the anchor names seq {}, but the chain ends at seq {end}: the log was cut, or the anchor is from another log",
+                a.seq
+            ),
+        };
+        self.set_break(Break {
+            file,
+            line,
+            seq: Some(a.seq),
+            kind: BreakKind::AnchorMismatch,
+            detail,
+        });
     }
 
     fn check_head(
