@@ -469,6 +469,21 @@ impl Verifier {
         }
     }
 
+    /// The `seq` the chain read ends at (0 when it has no record).
+    fn end_seq(&self) -> u64 {
+        self.report.last.as_ref().map_or(0, |(s, _)| *s)
+    }
+
+    /// Where a break found after the chain's end is reported: the line after the
+    /// last record read, else the first line of `file`, else `dir` itself.
+    fn past_end(&self, dir: &Path, file: Option<&LogFile>) -> (PathBuf, u64) {
+        match (&self.last_pos, file) {
+            (Some((f, l)), _) => (f.clone(), l + 1),
+            (None, Some(f)) => (f.path.clone(), 1),
+            (None, None) => (dir.to_path_buf(), 0),
+        }
+    }
+
     /// With an anchor: say where the check started, and break when the anchor's
     /// record was not read (archived, or past the end of the chain).
     fn check_anchor(&mut self, path: &Path, first_file: Option<&LogFile>) {
@@ -490,12 +505,8 @@ impl Verifier {
                 .push(format!("seq {} has the anchor's hash", a.seq));
             return;
         }
-        let end = self.report.last.as_ref().map_or(0, |(s, _)| *s);
-        let (file, line) = match (&self.last_pos, first_file) {
-            (Some((f, l)), _) => (f.clone(), l + 1),
-            (None, Some(f)) => (f.path.clone(), 1),
-            (None, None) => (path.to_path_buf(), 0),
-        };
+        let end = self.end_seq();
+        let (file, line) = self.past_end(path, first_file);
         let detail = match self.first_seq {
             Some(first) if a.seq < first => format!(
                 "the anchor's seq {} is before the first record here (seq {first}): it was archived; take an anchor from these files, or verify them with the archive beside them",
@@ -529,12 +540,8 @@ impl Verifier {
             }
             Some(Ok(h)) => h,
         };
-        let end = self.report.last.as_ref().map_or(0, |(s, _)| *s);
-        let (file, line) = match (&self.last_pos, last_file) {
-            (Some((f, l)), _) => (f.clone(), l + 1),
-            (None, Some(f)) => (f.path.clone(), 1),
-            (None, None) => (dir.to_path_buf(), 0),
-        };
+        let end = self.end_seq();
+        let (file, line) = self.past_end(dir, last_file);
         if head.seq > end {
             self.set_break(Break {
                 file,

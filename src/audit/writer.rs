@@ -88,8 +88,6 @@ pub(super) struct Writer {
     pending_written: usize,
     /// When the log was last synced.
     synced_at: Option<Instant>,
-    /// Last record in `pending` or the file, for the head file.
-    last: Option<(u64, String)>,
     head_written: Option<u64>,
     /// When `head.json` was last rewritten.
     head_at: Option<Instant>,
@@ -126,7 +124,6 @@ impl Writer {
             pending: Vec::new(),
             pending_written: 0,
             synced_at: None,
-            last: None,
             head_written: None,
             head_at: None,
             gave_up: false,
@@ -151,7 +148,6 @@ impl Writer {
         if let Some(t) = &tail {
             w.next_seq = t.seq + 1;
             w.prev = t.hash.clone();
-            w.last = Some((t.seq, t.hash.clone()));
         }
         let mut events = Vec::new();
         if let Some(Ok(head)) = read_head(&w.s.dir) {
@@ -382,17 +378,9 @@ impl Writer {
             });
         if room.is_ok() {
             self.pending.extend_from_slice(&line);
-            let hash = std::str::from_utf8(&hash).unwrap_or_default();
             self.prev.clear();
-            self.prev.push_str(hash);
-            match &mut self.last {
-                Some((seq, last)) => {
-                    *seq = self.next_seq;
-                    last.clear();
-                    last.push_str(hash);
-                }
-                None => self.last = Some((self.next_seq, hash.to_string())),
-            }
+            self.prev
+                .push_str(std::str::from_utf8(&hash).unwrap_or_default());
             self.next_seq += 1;
         }
         self.line = line;
@@ -548,8 +536,8 @@ impl Writer {
         if let Some(wait) = self.sync_lag() {
             return Some(wait);
         }
-        let (seq, _) = self.last.as_ref()?;
-        if self.head_written == Some(*seq) || !self.pending.is_empty() {
+        let (seq, _) = self.last()?;
+        if self.head_written == Some(seq) || !self.pending.is_empty() {
             return None;
         }
         let since = self.head_at.map_or(HEAD_EVERY, |at| at.elapsed());
@@ -557,15 +545,15 @@ impl Writer {
     }
 
     fn write_head(&mut self) -> std::io::Result<()> {
-        let (Some((seq, hash)), Some(a)) = (&self.last, &self.active) else {
+        let (Some((seq, hash)), Some(a)) = (self.last(), &self.active) else {
             return Ok(());
         };
-        if self.head_written == Some(*seq) {
+        if self.head_written == Some(seq) {
             return Ok(());
         }
         let head = Head {
-            seq: *seq,
-            hash: hash.clone(),
+            seq,
+            hash: hash.to_owned(),
             file: a.name.clone(),
         };
         let tmp = self.s.dir.join(format!("{HEAD_FILE}.tmp"));
@@ -574,9 +562,16 @@ impl Writer {
         // Not synced: the head only ever lags the synced log, and a torn head is
         // reported by verify as unreadable, never as a break.
         std::fs::rename(&tmp, self.s.dir.join(HEAD_FILE))?;
-        self.head_written = Some(*seq);
+        self.head_written = Some(seq);
         self.head_at = Some(Instant::now());
         Ok(())
+    }
+
+    /// `seq` and `hash` of the last record in `pending` or the file (the head
+    /// file's record), if the log has one: the chain's `prev` is its hash.
+    fn last(&self) -> Option<(u64, &str)> {
+        let seq = self.next_seq.checked_sub(1).filter(|s| *s > 0)?;
+        Some((seq, &self.prev))
     }
 }
 
