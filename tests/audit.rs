@@ -1119,3 +1119,29 @@ proptest::proptest! {
         proptest::prop_assert!(report.first_break.is_some(), "line {}: {}", i, report);
     }
 }
+
+/// `head.json` is advisory: when it cannot be rewritten (here its temporary
+/// file's name is taken by a directory), flushes still succeed, the writer
+/// stays healthy and the log verifies; once it can, the head catches up.
+#[tokio::test]
+async fn a_head_that_cannot_be_written_fails_no_flush() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::new(start());
+    let blocker = tmp.path().join("head.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let (audit, writer) = open(&cfg(tmp.path()), &clock).await;
+    write_n(&audit, 0, 5).await;
+    audit.flush().await.expect("a flush failed over the head");
+    assert_eq!(audit.health().failing(), None);
+    assert!(!tmp.path().join("head.json").exists());
+    assert_points_in_order(tmp.path(), 5);
+
+    std::fs::remove_dir(&blocker).unwrap();
+    write_n(&audit, 5, 1).await;
+    audit.flush().await.expect("flush");
+    writer.shutdown().await;
+    let head: Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("head.json")).unwrap()).unwrap();
+    assert_eq!(head["seq"], 6, "{head}");
+    assert_points_in_order(tmp.path(), 6);
+}

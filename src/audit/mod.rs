@@ -33,8 +33,11 @@
 //!   re-serialisation (and no ambiguity about key order or number formatting) is
 //!   involved.
 //!
-//! `head.json` (`{"seq":N,"hash":"..","file":".."}`) is rewritten after every
-//! synced batch. It lets `verify` notice a tail cut at a line boundary.
+//! `head.json` (`{"seq":N,"hash":"..","file":".."}`) names a synced record: it is
+//! rewritten after a synced batch, at most every 100 ms, as a new file synced
+//! before it is renamed over the old one, so a power cut leaves the old head or
+//! the new one, never a torn one. It lets `verify` notice a tail cut at a line
+//! boundary.
 //!
 //! `current.jsonl` is a symlink to the active file (Unix), so
 //! `tail -n0 -F audit/current.jsonl | jq .` follows the log across rotations

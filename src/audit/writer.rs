@@ -91,6 +91,8 @@ pub(super) struct Writer {
     head_written: Option<u64>,
     /// When `head.json` was last rewritten.
     head_at: Option<Instant>,
+    /// Whether the last attempt to rewrite `head.json` failed (warned once).
+    head_failing: bool,
     /// Whether the I/O path gave up (only after a stop was asked).
     gave_up: bool,
     /// The last `ts` written and the millisecond it names: the records of one
@@ -126,6 +128,7 @@ impl Writer {
             synced_at: None,
             head_written: None,
             head_at: None,
+            head_failing: false,
             gave_up: false,
             health: Arc::default(),
             ts: (i64::MIN, String::new()),
@@ -514,7 +517,17 @@ impl Writer {
             self.sync()?;
         }
         if !self.unsynced() && (force || self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY)) {
-            self.write_head()?;
+            // The records are durable without the head (verify's check for a
+            // tail cut at a line boundary), so failing to rewrite it fails no
+            // flush: it is tried again with the next batch.
+            match self.write_head() {
+                Ok(()) => self.head_failing = false,
+                Err(e) if !self.head_failing => {
+                    self.head_failing = true;
+                    tracing::warn!(error = %e, dir = %self.s.dir.display(), "cannot rewrite the audit log's head.json; trying again with each batch");
+                }
+                Err(_) => {}
+            }
         }
         Ok(())
     }
@@ -558,9 +571,14 @@ impl Writer {
         };
         let tmp = self.s.dir.join(format!("{HEAD_FILE}.tmp"));
         let bytes = serde_json::to_vec(&head).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, bytes)?;
-        // Not synced: the head only ever lags the synced log, and a torn head is
-        // reported by verify as unreadable, never as a break.
+        // Synced before the rename, so that after a power cut the name holds
+        // the old head or the new one, never a torn one (a file system may
+        // make the rename durable before the bytes). One sync per
+        // `HEAD_EVERY` at most. The rename itself may be lost: the head only
+        // ever lags the synced log.
+        let mut file = File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_data()?;
         std::fs::rename(&tmp, self.s.dir.join(HEAD_FILE))?;
         self.head_written = Some(seq);
         self.head_at = Some(Instant::now());
