@@ -1,0 +1,779 @@
+//! A disk that loses, at a power cut, every byte not yet synced.
+//!
+//! [`LossyDisk`] mounts a FUSE file system over a backing directory. Every
+//! write and truncation is applied to the backing file at once, and the bytes it
+//! replaced are kept in an undo log of that file; `fsync` or `fdatasync` of the
+//! file empties its log. [`LossyDisk::power_cut`] then, in one step under the
+//! file system's lock, rolls every file back to its last sync and fails every
+//! later operation with `EIO`: the disk as a machine finds it after the power
+//! went, while the process that wrote it may still be running.
+//!
+//! The model is the one POSIX promises and no more: file contents survive only
+//! what was synced. It is harsher than ext4 in its default mode, which also
+//! writes back on its own. Optionally the earliest unsynced write of each file
+//! survives in part (its first half), as a disk may persist some sectors of a
+//! write and not others: a torn tail.
+//!
+//! Names (create, rename, unlink, mkdir, symlink) are durable at once: the
+//! model loses data, not directory entries. The kernel caches nothing the file
+//! system could later contradict: no writeback cache, and attributes and
+//! entries live for zero seconds. Locks are the kernel's own (the file system
+//! does not ask for `FUSE_POSIX_LOCKS`), which SQLite's WAL mode needs.
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+const TTL: Duration = Duration::ZERO;
+
+/// What one write or truncation replaced: enough to undo it.
+struct Undo {
+    /// Where the change began.
+    offset: u64,
+    /// How many bytes it wrote from `offset` (0 for a truncation).
+    written: u64,
+    /// The bytes it overwrote, from `offset` up to the old end at most.
+    old: Vec<u8>,
+    /// The file's length before it.
+    old_len: u64,
+}
+
+/// What a power cut took from one file.
+#[derive(Debug, Clone)]
+pub struct Lost {
+    /// The file's path under the disk's root.
+    pub path: PathBuf,
+    /// Writes and truncations undone (a torn one counts).
+    pub changes: usize,
+    /// The file's length before the cut and after it.
+    pub len: (u64, u64),
+}
+
+#[derive(Default)]
+struct State {
+    /// Inode number → path under the backing root ("" is the root).
+    paths: HashMap<u64, PathBuf>,
+    inodes: HashMap<PathBuf, u64>,
+    next_ino: u64,
+    handles: HashMap<u64, (u64, File)>,
+    next_fh: u64,
+    /// Unsynced changes by inode, oldest first.
+    undo: HashMap<u64, Vec<Undo>>,
+    /// Set by the power cut: every operation fails from then on.
+    dead: bool,
+}
+
+struct LossyFs {
+    root: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+/// A mounted [`LossyFs`]: files under [`LossyDisk::path`] land in
+/// [`LossyDisk::backing`].
+pub struct LossyDisk {
+    mnt: tempfile::TempDir,
+    back: tempfile::TempDir,
+    state: Arc<Mutex<State>>,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl LossyDisk {
+    /// Mount a fresh, empty disk, as root (CI runs as root); `None`, said
+    /// loudly, for another user. Panics, naming the cause, when root cannot
+    /// mount it (no `/dev/fuse`).
+    pub fn mount() -> Option<LossyDisk> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("NOT run: mounting the FUSE power-cut disk needs root (CI runs as root)");
+            return None;
+        }
+        let (mnt, back) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut state = State {
+            next_ino: 2,
+            next_fh: 1,
+            ..State::default()
+        };
+        state.paths.insert(INodeNo::ROOT.0, PathBuf::new());
+        state.inodes.insert(PathBuf::new(), INodeNo::ROOT.0);
+        let state = Arc::new(Mutex::new(state));
+        let fs = LossyFs {
+            root: back.path().to_owned(),
+            state: state.clone(),
+        };
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![fuser::MountOption::FSName("lossyfs".into())];
+        let session = fuser::spawn_mount(fs, mnt.path(), &config)
+            .unwrap_or_else(|e| panic!("cannot mount the FUSE power-cut disk: {e}"));
+        Some(LossyDisk {
+            mnt,
+            back,
+            state,
+            session: Some(session),
+        })
+    }
+
+    /// Where the gate's files go.
+    pub fn path(&self) -> &Path {
+        self.mnt.path()
+    }
+
+    /// The same files, as they are on the disk: after [`LossyDisk::power_cut`],
+    /// what a machine finds when the power is back.
+    pub fn backing(&self) -> &Path {
+        self.back.path()
+    }
+
+    /// Paths with unsynced changes now, under the disk's root.
+    pub fn unsynced(&self) -> Vec<PathBuf> {
+        let s = lock(&self.state);
+        s.undo
+            .iter()
+            .filter(|(_, u)| !u.is_empty())
+            .filter_map(|(ino, _)| s.paths.get(ino).cloned())
+            .collect()
+    }
+
+    /// Cut the power now if `when` holds for the paths with unsynced changes
+    /// (checked under the same lock, so nothing is written in between).
+    /// Returns what was lost, or `None` (and nothing happens) when `when` is
+    /// false. `tear` keeps the first half of each file's oldest unsynced write.
+    pub fn power_cut_if(
+        &self,
+        tear: bool,
+        when: impl FnOnce(&[PathBuf]) -> bool,
+    ) -> Option<Vec<Lost>> {
+        let mut s = lock(&self.state);
+        assert!(!s.dead, "the power is already off");
+        let pending: Vec<PathBuf> = s
+            .undo
+            .iter()
+            .filter(|(_, u)| !u.is_empty())
+            .filter_map(|(ino, _)| s.paths.get(ino).cloned())
+            .collect();
+        if !when(&pending) {
+            return None;
+        }
+        s.dead = true;
+        s.handles.clear();
+        let mut lost = Vec::new();
+        for (ino, mut changes) in std::mem::take(&mut s.undo) {
+            let Some(rel) = s.paths.get(&ino) else {
+                continue;
+            };
+            if changes.is_empty() {
+                continue;
+            }
+            let path = self.back.path().join(rel);
+            let file = match OpenOptions::new().write(true).open(&path) {
+                Ok(file) => file,
+                // Unlinked since: nothing left to lose.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => panic!("cannot roll back {}: {e}", path.display()),
+            };
+            let before = file.metadata().unwrap().len();
+            let n = changes.len();
+            let oldest = changes.remove(0);
+            for u in changes.iter().rev() {
+                undo(&file, u, 0);
+            }
+            let keep = if tear { oldest.written / 2 } else { 0 };
+            undo(&file, &oldest, keep);
+            let after = file.metadata().unwrap().len();
+            lost.push(Lost {
+                path: rel.clone(),
+                changes: n,
+                len: (before, after),
+            });
+        }
+        Some(lost)
+    }
+
+    /// Unmount (the writer must be gone, or the mount is busy).
+    pub fn unmount(&mut self) {
+        if let Some(session) = self.session.take() {
+            session.umount_and_join().expect("unmount the FUSE disk");
+        }
+    }
+}
+
+impl Drop for LossyDisk {
+    fn drop(&mut self) {
+        if self.session.is_some() {
+            // Lazily: a panicking test may leave a process with files open.
+            let path =
+                std::ffi::CString::new(self.mnt.path().as_os_str().as_encoded_bytes()).unwrap();
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            drop(self.session.take());
+        }
+    }
+}
+
+/// Undo `u` on `file`, except its first `keep` written bytes.
+fn undo(file: &File, u: &Undo, keep: u64) {
+    let keep = keep.min(u.written);
+    let restored = u.old.len() as u64;
+    if keep < restored {
+        file.write_all_at(&u.old[keep as usize..], u.offset + keep)
+            .unwrap();
+    }
+    let len = if u.written == 0 {
+        u.old_len
+    } else {
+        u.old_len.max(u.offset + keep)
+    };
+    file.set_len(len).unwrap();
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn errno(e: std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Record what writing `len` bytes at `offset` (or, with `len` 0, cutting the
+/// file to `offset`) is about to replace.
+fn before_change(file: &File, offset: u64, len: u64) -> std::io::Result<Undo> {
+    let old_len = file.metadata()?.len();
+    let end = if len == 0 { old_len } else { offset + len };
+    let mut old = vec![0; end.min(old_len).saturating_sub(offset) as usize];
+    file.read_exact_at(&mut old, offset)?;
+    Ok(Undo {
+        offset,
+        written: len,
+        old,
+        old_len,
+    })
+}
+
+impl LossyFs {
+    /// The state, or `EIO` once the power is off.
+    fn live(&self) -> Result<MutexGuard<'_, State>, Errno> {
+        let s = lock(&self.state);
+        if s.dead {
+            return Err(Errno::EIO);
+        }
+        Ok(s)
+    }
+
+    fn path_of(&self, s: &State, ino: INodeNo) -> Result<PathBuf, Errno> {
+        s.paths.get(&ino.0).cloned().ok_or(Errno::ENOENT)
+    }
+
+    fn child(&self, s: &State, parent: INodeNo, name: &OsStr) -> Result<PathBuf, Errno> {
+        Ok(self.path_of(s, parent)?.join(name))
+    }
+
+    /// The attributes of `rel`, giving it an inode number if it has none.
+    fn attr(&self, s: &mut State, rel: &Path) -> Result<FileAttr, Errno> {
+        let meta = std::fs::symlink_metadata(self.root.join(rel)).map_err(errno)?;
+        let ino = match s.inodes.get(rel) {
+            Some(ino) => *ino,
+            None => {
+                let ino = s.next_ino;
+                s.next_ino += 1;
+                s.inodes.insert(rel.to_owned(), ino);
+                s.paths.insert(ino, rel.to_owned());
+                ino
+            }
+        };
+        let time = |secs: i64, nanos: i64| {
+            SystemTime::UNIX_EPOCH + Duration::new(secs.max(0) as u64, nanos.max(0) as u32)
+        };
+        Ok(FileAttr {
+            ino: INodeNo(ino),
+            size: meta.len(),
+            blocks: meta.blocks(),
+            atime: time(meta.atime(), meta.atime_nsec()),
+            mtime: time(meta.mtime(), meta.mtime_nsec()),
+            ctime: time(meta.ctime(), meta.ctime_nsec()),
+            crtime: SystemTime::UNIX_EPOCH,
+            kind: FileType::from_std(meta.file_type()).ok_or(Errno::EIO)?,
+            perm: (meta.mode() & 0o7777) as u16,
+            nlink: meta.nlink() as u32,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            rdev: meta.rdev() as u32,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    /// Forget `rel` and everything under it (it was removed or replaced).
+    fn forget_path(s: &mut State, rel: &Path) {
+        let gone: Vec<PathBuf> = s
+            .inodes
+            .keys()
+            .filter(|p| p.starts_with(rel))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(ino) = s.inodes.remove(&p) {
+                s.paths.remove(&ino);
+                s.undo.remove(&ino);
+            }
+        }
+    }
+
+    fn open_handle(&self, s: &mut State, ino: u64, file: File) -> FileHandle {
+        let fh = s.next_fh;
+        s.next_fh += 1;
+        s.handles.insert(fh, (ino, file));
+        FileHandle(fh)
+    }
+
+    /// Apply one change to an open file, keeping its undo record.
+    fn change(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        len: u64,
+        apply: impl FnOnce(&File) -> std::io::Result<()>,
+    ) -> Result<(), Errno> {
+        let mut s = self.live()?;
+        let (ino, file) = s.handles.get(&fh.0).ok_or(Errno::EBADF)?;
+        let ino = *ino;
+        let u = before_change(file, offset, len).map_err(errno)?;
+        apply(file).map_err(errno)?;
+        s.undo.entry(ino).or_default().push(u);
+        Ok(())
+    }
+}
+
+impl Filesystem for LossyFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.child(&s, parent, name)?;
+            self.attr(&mut s, &rel)
+        });
+        match r {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.path_of(&s, ino)?;
+            self.attr(&mut s, &rel)
+        });
+        match r {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.path_of(&s, ino)?;
+            let path = self.root.join(&rel);
+            if let Some(size) = size {
+                let by_name;
+                let u = {
+                    let file = match fh.and_then(|fh| s.handles.get(&fh.0)) {
+                        Some((_, file)) => file,
+                        None => {
+                            by_name = OpenOptions::new()
+                                .read(true)
+                                .write(true)
+                                .open(&path)
+                                .map_err(errno)?;
+                            &by_name
+                        }
+                    };
+                    let u = before_change(file, size, 0).map_err(errno)?;
+                    file.set_len(size).map_err(errno)?;
+                    u
+                };
+                s.undo.entry(ino.0).or_default().push(u);
+            }
+            if let Some(mode) = mode {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(errno)?;
+            }
+            self.attr(&mut s, &rel)
+        });
+        match r {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self.live().and_then(|s| {
+            let rel = self.path_of(&s, ino)?;
+            std::fs::read_link(self.root.join(rel)).map_err(errno)
+        });
+        match r {
+            Ok(target) => reply.data(target.as_os_str().as_encoded_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.child(&s, parent, name)?;
+            let path = self.root.join(&rel);
+            std::fs::create_dir(&path).map_err(errno)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !umask))
+                .map_err(errno)?;
+            self.attr(&mut s, &rel)
+        });
+        match r {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.child(&s, parent, name)?;
+            std::fs::remove_file(self.root.join(&rel)).map_err(errno)?;
+            Self::forget_path(&mut s, &rel);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.child(&s, parent, name)?;
+            std::fs::remove_dir(self.root.join(&rel)).map_err(errno)?;
+            Self::forget_path(&mut s, &rel);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.child(&s, parent, link_name)?;
+            std::os::unix::fs::symlink(target, self.root.join(&rel)).map_err(errno)?;
+            self.attr(&mut s, &rel)
+        });
+        match r {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.live().and_then(|mut s| {
+            if flags != RenameFlags::empty() {
+                return Err(Errno::EINVAL);
+            }
+            let (from, to) = (
+                self.child(&s, parent, name)?,
+                self.child(&s, newparent, newname)?,
+            );
+            std::fs::rename(self.root.join(&from), self.root.join(&to)).map_err(errno)?;
+            Self::forget_path(&mut s, &to);
+            let moved: Vec<(PathBuf, u64)> = s
+                .inodes
+                .iter()
+                .filter(|(p, _)| p.starts_with(&from))
+                .map(|(p, ino)| (p.clone(), *ino))
+                .collect();
+            for (old, ino) in moved {
+                let below = old.strip_prefix(&from).unwrap();
+                let new = match below.as_os_str().is_empty() {
+                    true => to.clone(),
+                    false => to.join(below),
+                };
+                s.inodes.remove(&old);
+                s.inodes.insert(new.clone(), ino);
+                s.paths.insert(ino, new);
+            }
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.path_of(&s, ino)?;
+            // The kernel places appends itself and sends truncations apart.
+            let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(self.root.join(rel))
+                .map_err(errno)?;
+            Ok(self.open_handle(&mut s, ino.0, file))
+        });
+        match r {
+            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = self.live().and_then(|s| {
+            let (_, file) = s.handles.get(&fh.0).ok_or(Errno::EBADF)?;
+            let mut buf = vec![0; size as usize];
+            let mut n = 0;
+            while n < buf.len() {
+                match file.read_at(&mut buf[n..], offset + n as u64) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => return Err(errno(e)),
+                }
+            }
+            buf.truncate(n);
+            Ok(buf)
+        });
+        match r {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if data.is_empty() {
+            return reply.written(0);
+        }
+        let r = self.change(fh, offset, data.len() as u64, |f| {
+            f.write_all_at(data, offset)
+        });
+        match r {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        match self.live() {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.state).handles.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // The backing file outlives the cut as it is: what matters is that the
+        // changes so far are no longer undone.
+        match self.live() {
+            Ok(mut s) => {
+                s.undo.remove(&ino.0);
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.path_of(&s, ino)?;
+            let mut entries = vec![
+                (ino.0, FileType::Directory, ".".into()),
+                (ino.0, FileType::Directory, "..".into()),
+            ];
+            for entry in std::fs::read_dir(self.root.join(&rel)).map_err(errno)? {
+                let entry = entry.map_err(errno)?;
+                let child = rel.join(entry.file_name());
+                let attr = self.attr(&mut s, &child)?;
+                entries.push((attr.ino.0, attr.kind, entry.file_name()));
+            }
+            Ok(entries)
+        });
+        match r {
+            Ok(entries) => {
+                for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize)
+                {
+                    if reply.add(INodeNo(ino), i as u64 + 1, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.live() {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let path = std::ffi::CString::new(self.root.as_os_str().as_encoded_bytes()).unwrap();
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return reply.error(Errno::EIO);
+        }
+        reply.statfs(
+            st.f_blocks,
+            st.f_bfree,
+            st.f_bavail,
+            st.f_files,
+            st.f_ffree,
+            st.f_bsize as u32,
+            st.f_namemax as u32,
+            st.f_frsize as u32,
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        match self.live() {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.child(&s, parent, name)?;
+            let path = self.root.join(&rel);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                // The kernel creates only names it has found absent.
+                .truncate(false)
+                .create_new(flags & libc::O_EXCL != 0)
+                .open(&path)
+                .map_err(errno)?;
+            file.set_permissions(std::fs::Permissions::from_mode(mode & !umask & 0o7777))
+                .map_err(errno)?;
+            let attr = self.attr(&mut s, &rel)?;
+            let fh = self.open_handle(&mut s, attr.ino.0, file);
+            Ok((attr, fh))
+        });
+        match r {
+            Ok((attr, fh)) => reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+}
