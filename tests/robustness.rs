@@ -1577,8 +1577,35 @@ async fn the_postgres_ledger_going_away_refuses_charges_and_the_gate_comes_back_
 /// apply `pending_policy`, here `void`, and give the draw away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_settlement_held_when_the_gate_is_killed_is_written_at_its_next_start() {
+    held_then_stopped(Stop::Kill).await;
+}
+
+/// The same when the power goes instead (the data directory on a disk that
+/// loses what was not synced): the held settlement was on the disk before
+/// the client was answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_held_when_the_power_goes_is_written_at_its_next_start() {
+    held_then_stopped(Stop::PowerCut).await;
+}
+
+/// How a gate holding a settlement stops.
+enum Stop {
+    /// SIGKILL: the page cache survives.
+    Kill,
+    /// A power cut (`LossyDisk`), then SIGKILL.
+    PowerCut,
+}
+
+async fn held_then_stopped(stop: Stop) {
     let Some(url) = postgres_url("the held-settlement crash test") else {
         return;
+    };
+    let mut disk = match stop {
+        Stop::Kill => None,
+        Stop::PowerCut => match LossyDisk::mount() {
+            Some(disk) => Some(disk),
+            None => return,
+        },
     };
     let (relay, relay_url) = CutRelay::to_server_of(&url).await;
     let schema = format!("held_{}_{:08x}", std::process::id(), rand::random::<u32>());
@@ -1588,9 +1615,13 @@ async fn a_settlement_held_when_the_gate_is_killed_is_written_at_its_next_start(
         ..SimConfig::default()
     })
     .await;
-    let data = tempfile::tempdir().unwrap();
+    let conf = tempfile::tempdir().unwrap();
+    let data = match &disk {
+        Some(disk) => disk.path().to_owned(),
+        None => conf.path().to_owned(),
+    };
     let admin_token = "held-admin-token-5c1e";
-    let config = data.path().join("gate.toml");
+    let config = conf.path().join("gate.toml");
     std::fs::write(
         &config,
         format!(
@@ -1600,8 +1631,12 @@ async fn a_settlement_held_when_the_gate_is_killed_is_written_at_its_next_start(
         ),
     )
     .unwrap();
-    let mut env = gate_env(&sim, data.path(), admin_token);
-    env.push(("GATE_CONFIG".into(), config.display().to_string()));
+    let gate_env = |data: &Path| {
+        let mut env = gate_env(&sim, data, admin_token);
+        env.push(("GATE_CONFIG".into(), config.display().to_string()));
+        env
+    };
+    let env = gate_env(&data);
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     let http = reqwest::Client::new();
     let body = json!({"name": "held", "budget": 1000});
@@ -1626,11 +1661,28 @@ async fn a_settlement_held_when_the_gate_is_killed_is_written_at_its_next_start(
         .as_str()
         .expect("a task id")
         .to_owned();
-    let held_file = data.path().join(chuzhan_gate::held::FILE);
-    assert!(held_file.exists(), "the held settlement is not on disk");
+    assert!(
+        data.join(chuzhan_gate::held::FILE).exists(),
+        "the held settlement is not on disk"
+    );
 
-    // Killed before the store is back; started again once it is.
+    // Killed (after a power cut) before the store is back; started again
+    // once it is, on the disk as the cut left it.
+    let lost = disk
+        .as_ref()
+        .map(|d| d.power_cut_if(false, |_| true).unwrap());
     drop(gate);
+    let data = match disk.as_mut() {
+        None => data,
+        Some(disk) => {
+            eprintln!("the power cut undid {lost:?}");
+            disk.unmount();
+            disk.backing().to_owned()
+        }
+    };
+    let env = gate_env(&data);
+    let held_file = data.join(chuzhan_gate::held::FILE);
+    assert!(held_file.exists(), "the held settlement is lost");
     relay.restore();
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     assert!(
@@ -1652,7 +1704,7 @@ async fn a_settlement_held_when_the_gate_is_killed_is_written_at_its_next_start(
     let (code, out) = ledger_verify(&env);
     assert_eq!(code, Some(0), "{out}");
     let store = Store::Postgres { url, schema };
-    let ((served, points), (recovered, _)) = store.commits_by_origin(data.path(), &id).await;
+    let ((served, points), (recovered, _)) = store.commits_by_origin(&data, &id).await;
     assert_eq!(
         (served, points, recovered),
         (2, 24, 0),
