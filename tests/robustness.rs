@@ -303,8 +303,9 @@ impl Drop for ChildGate {
     }
 }
 
-fn ledger_verify(env: &[(String, String)]) -> (Option<i32>, String) {
-    let out = gate_command(env, &["ledger", "verify"]).output().unwrap();
+/// A gate subcommand's exit code and its stdout and stderr together.
+fn gate_cli(env: &[(String, String)], args: &[&str]) -> (Option<i32>, String) {
+    let out = gate_command(env, args).output().unwrap();
     (
         out.status.code(),
         format!(
@@ -313,6 +314,10 @@ fn ledger_verify(env: &[(String, String)]) -> (Option<i32>, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+fn ledger_verify(env: &[(String, String)]) -> (Option<i32>, String) {
+    gate_cli(env, &["ledger", "verify"])
 }
 
 /// Where a child gate keeps its ledger.
@@ -1947,15 +1952,7 @@ fn registered_tasks(data: &Path) -> std::collections::HashSet<String> {
 
 /// `chuzhan-gate audit verify` on the gate's data directory.
 fn audit_verify(env: &[(String, String)]) -> (Option<i32>, String) {
-    let out = gate_command(env, &["audit", "verify"]).output().unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    gate_cli(env, &["audit", "verify"])
 }
 
 /// One draw through `addr`: its task id when the client was told it went

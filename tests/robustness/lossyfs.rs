@@ -324,6 +324,26 @@ impl LossyFs {
         }
     }
 
+    /// Unlink or rmdir: the name goes at once, with any unsynced bytes.
+    fn remove(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        op: fn(&Path) -> std::io::Result<()>,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.live().and_then(|mut s| {
+            let rel = self.child(&s, parent, name)?;
+            op(&self.root.join(&rel)).map_err(errno)?;
+            Self::forget_path(&mut s, &rel);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn open_handle(&self, s: &mut State, ino: u64, file: File) -> FileHandle {
         let fh = s.next_fh;
         s.next_fh += 1;
@@ -460,29 +480,11 @@ impl Filesystem for LossyFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.live().and_then(|mut s| {
-            let rel = self.child(&s, parent, name)?;
-            std::fs::remove_file(self.root.join(&rel)).map_err(errno)?;
-            Self::forget_path(&mut s, &rel);
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, |p| std::fs::remove_file(p), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.live().and_then(|mut s| {
-            let rel = self.child(&s, parent, name)?;
-            std::fs::remove_dir(self.root.join(&rel)).map_err(errno)?;
-            Self::forget_path(&mut s, &rel);
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.remove(parent, name, |p| std::fs::remove_dir(p), reply);
     }
 
     fn symlink(
