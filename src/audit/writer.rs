@@ -519,14 +519,15 @@ impl Writer {
         if !self.unsynced() && (force || self.head_at.is_none_or(|at| at.elapsed() >= HEAD_EVERY)) {
             // The records are durable without the head (verify's check for a
             // tail cut at a line boundary), so failing to rewrite it fails no
-            // flush: it is tried again with the next batch.
+            // flush: it is tried again `HEAD_EVERY` later, or at a flush.
             match self.write_head() {
                 Ok(()) => self.head_failing = false,
-                Err(e) if !self.head_failing => {
-                    self.head_failing = true;
-                    tracing::warn!(error = %e, dir = %self.s.dir.display(), "cannot rewrite the audit log's head.json; trying again with each batch");
+                Err(e) => {
+                    self.head_at = Some(Instant::now());
+                    if !std::mem::replace(&mut self.head_failing, true) {
+                        tracing::warn!(error = %e, dir = %self.s.dir.display(), "cannot rewrite the audit log's head.json; trying again every 100 ms");
+                    }
                 }
-                Err(_) => {}
             }
         }
         Ok(())
