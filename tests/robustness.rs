@@ -569,6 +569,71 @@ async fn the_sqlite_ledger_syncs_its_wal_with_fdatasync() {
     }
 }
 
+/// One draw through `addr`: its task id when the client was told it went
+/// through.
+async fn draw_told_ok(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    secret: &str,
+    n: u64,
+) -> Option<String> {
+    let r = http
+        .post(format!("http://{addr}{DRAW}"))
+        .header("Auth-Token", secret)
+        .body(draw_body(&format!("draw {n}")))
+        .send()
+        .await
+        .ok()?;
+    let v: Value = r.json().await.ok()?;
+    (v["code"] == 0).then(|| v["data"]["paintingSign"].as_str().unwrap().to_owned())
+}
+
+/// Clients drawing through a gate as fast as they can, each on its own
+/// connection, until [`Drawers::stop`].
+struct Drawers {
+    stop: Arc<AtomicBool>,
+    told: Arc<std::sync::Mutex<Vec<String>>>,
+    clients: tokio::task::JoinSet<()>,
+}
+
+impl Drawers {
+    fn start(addr: SocketAddr, secret: &str, clients: u64) -> Drawers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut set = tokio::task::JoinSet::new();
+        for c in 0..clients {
+            let (stop, told, secret) = (stop.clone(), told.clone(), secret.to_owned());
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap();
+            set.spawn(async move {
+                for n in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Some(task) = draw_told_ok(&http, addr, &secret, c << 32 | n).await {
+                        told.lock().unwrap().push(task);
+                    }
+                }
+            });
+        }
+        Drawers {
+            stop,
+            told,
+            clients: set,
+        }
+    }
+
+    /// Stop them; the task ids of the draws they were told went through.
+    async fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        while self.clients.join_next().await.is_some() {}
+        let told = self.told.lock().unwrap();
+        told.clone()
+    }
+}
+
 /// SIGKILL a gate under load, restart it on the same store, and compare what it
 /// charged with what the simulator says it accepted.
 async fn crash_under_load(store: Store) {
@@ -588,41 +653,12 @@ async fn crash_under_load(store: Store) {
     let (id, secret) = create_key(&http, gate.admin, admin_token, body).await;
 
     // 16 clients draw as fast as they can; count the successes they were told of.
-    let stop = Arc::new(AtomicBool::new(false));
-    let told_ok = Arc::new(AtomicU64::new(0));
-    let mut clients = tokio::task::JoinSet::new();
-    for c in 0..16 {
-        let (stop, told_ok, secret) = (stop.clone(), told_ok.clone(), secret.clone());
-        let url = format!("http://{}{DRAW}", gate.addr);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap();
-        clients.spawn(async move {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let r = http
-                    .post(&url)
-                    .header("Auth-Token", &secret)
-                    .body(draw_body(&format!("client {c} draw {n}")))
-                    .send()
-                    .await;
-                let Ok(r) = r else { continue };
-                if let Ok(v) = r.json::<Value>().await {
-                    if v["code"] == 0 {
-                        told_ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        });
-    }
+    let drawers = Drawers::start(gate.addr, &secret, 16);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut gate = gate;
     gate.child.kill().unwrap(); // SIGKILL, requests in flight
     gate.child.wait().unwrap();
-    stop.store(true, Ordering::Relaxed);
-    while clients.join_next().await.is_some() {}
+    let told = drawers.stop().await.len() as u64;
     // Let the simulator finish whatever reached it before the kill.
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(gate);
@@ -649,7 +685,6 @@ async fn crash_under_load(store: Store) {
     let ((served_n, served_pts), (recovered_n, recovered_pts)) =
         store.commits_by_origin(data.path(), &id).await;
     store.cleanup().await;
-    let told = told_ok.load(Ordering::Relaxed);
     eprintln!(
         "crash ({}): clients told ok {told}; upstream accepted {accepted} ({sim_charged} points); \
          gate charged {spent} = {served_n} settled while serving ({served_pts}) + \
@@ -1636,12 +1671,12 @@ async fn held_then_stopped(stop: Stop) {
         ),
     )
     .unwrap();
-    let gate_env = |data: &Path| {
+    let env_on = |data: &Path| {
         let mut env = gate_env(&sim, data, admin_token);
         env.push(("GATE_CONFIG".into(), config.display().to_string()));
         env
     };
-    let env = gate_env(&data);
+    let env = env_on(&data);
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     let http = reqwest::Client::new();
     let body = json!({"name": "held", "budget": 1000});
@@ -1685,7 +1720,7 @@ async fn held_then_stopped(stop: Stop) {
             disk.backing().to_owned()
         }
     };
-    let env = gate_env(&data);
+    let env = env_on(&data);
     let held_file = data.join(chuzhan_gate::held::FILE);
     assert!(held_file.exists(), "the held settlement is lost");
     relay.restore();
@@ -1955,25 +1990,6 @@ fn audit_verify(env: &[(String, String)]) -> (Option<i32>, String) {
     gate_cli(env, &["audit", "verify"])
 }
 
-/// One draw through `addr`: its task id when the client was told it went
-/// through.
-async fn draw_told_ok(
-    http: &reqwest::Client,
-    addr: SocketAddr,
-    secret: &str,
-    n: u64,
-) -> Option<String> {
-    let r = http
-        .post(format!("http://{addr}{DRAW}"))
-        .header("Auth-Token", secret)
-        .body(draw_body(&format!("draw {n}")))
-        .send()
-        .await
-        .ok()?;
-    let v: Value = r.json().await.ok()?;
-    (v["code"] == 0).then(|| v["data"]["paintingSign"].as_str().unwrap().to_owned())
-}
-
 fn is_wal(p: &Path) -> bool {
     p.file_name() == Some(OsStr::new("ledger.db-wal"))
 }
@@ -2008,26 +2024,7 @@ async fn a_power_cut_under_load_loses_no_answered_draw() {
     let body = json!({"name": "load", "budget": 1_000_000});
     let (id, secret) = create_key(&http, gate.admin, admin_token, body).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let told = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut clients = tokio::task::JoinSet::new();
-    for c in 0..16u64 {
-        let (stop, told, secret, addr) = (stop.clone(), told.clone(), secret.clone(), gate.addr);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap();
-        clients.spawn(async move {
-            for n in 0.. {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Some(task) = draw_told_ok(&http, addr, &secret, c << 32 | n).await {
-                    told.lock().unwrap().push(task);
-                }
-            }
-        });
-    }
+    let drawers = Drawers::start(gate.addr, &secret, 16);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let lost = loop {
@@ -2043,11 +2040,9 @@ async fn a_power_cut_under_load_loses_no_answered_draw() {
     };
     gate.child.kill().unwrap();
     gate.child.wait().unwrap();
-    stop.store(true, Ordering::Relaxed);
-    while clients.join_next().await.is_some() {}
+    let told = drawers.stop().await;
     drop(gate);
     disk.unmount();
-    let told = told.lock().unwrap().clone();
     eprintln!(
         "power cut after {} answered draws; it undid {lost:?}",
         told.len()

@@ -37,7 +37,8 @@
 //! rewritten after a synced batch, at most every 100 ms, as a new file synced
 //! before it is renamed over the old one, so a power cut leaves the old head or
 //! the new one, never a torn one. It lets `verify` notice a tail cut at a line
-//! boundary.
+//! boundary. It is advisory: a head that cannot be written fails no flush and is
+//! tried again 100 ms later.
 //!
 //! `current.jsonl` is a symlink to the active file (Unix), so
 //! `tail -n0 -F audit/current.jsonl | jq .` follows the log across rotations

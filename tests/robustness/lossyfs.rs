@@ -48,7 +48,7 @@ struct Undo {
 }
 
 /// What a power cut took from one file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Lost {
     /// The file's path under the disk's root.
     pub path: PathBuf,
@@ -70,6 +70,16 @@ struct State {
     undo: HashMap<u64, Vec<Undo>>,
     /// Set by the power cut: every operation fails from then on.
     dead: bool,
+}
+
+impl State {
+    fn unsynced(&self) -> Vec<PathBuf> {
+        self.undo
+            .iter()
+            .filter(|(_, u)| !u.is_empty())
+            .filter_map(|(ino, _)| self.paths.get(ino).cloned())
+            .collect()
+    }
 }
 
 struct LossyFs {
@@ -133,12 +143,7 @@ impl LossyDisk {
 
     /// Paths with unsynced changes now, under the disk's root.
     pub fn unsynced(&self) -> Vec<PathBuf> {
-        let s = lock(&self.state);
-        s.undo
-            .iter()
-            .filter(|(_, u)| !u.is_empty())
-            .filter_map(|(ino, _)| s.paths.get(ino).cloned())
-            .collect()
+        lock(&self.state).unsynced()
     }
 
     /// Cut the power now if `when` holds for the paths with unsynced changes
@@ -152,13 +157,7 @@ impl LossyDisk {
     ) -> Option<Vec<Lost>> {
         let mut s = lock(&self.state);
         assert!(!s.dead, "the power is already off");
-        let pending: Vec<PathBuf> = s
-            .undo
-            .iter()
-            .filter(|(_, u)| !u.is_empty())
-            .filter_map(|(ino, _)| s.paths.get(ino).cloned())
-            .collect();
-        if !when(&pending) {
+        if !when(&s.unsynced()) {
             return None;
         }
         s.dead = true;
