@@ -35,8 +35,9 @@
 //!
 //! `head.json` (`{"seq":N,"hash":"..","file":".."}`) names a synced record: it is
 //! rewritten after a synced batch, at most every 100 ms, as a new file synced
-//! before it is renamed over the old one, so a power cut leaves the old head or
-//! the new one, never a torn one. It lets `verify` notice a tail cut at a line
+//! before it is renamed over the old one, and the directory synced after the
+//! rename, so a power cut leaves the old head or the new one, never a torn one
+//! or none. It lets `verify` notice a tail cut at a line
 //! boundary. It is advisory: a head that cannot be written fails no flush and is
 //! tried again 100 ms later.
 //!

@@ -574,13 +574,17 @@ impl Writer {
         let bytes = serde_json::to_vec(&head).map_err(std::io::Error::other)?;
         // Synced before the rename, so that after a power cut the name holds
         // the old head or the new one, never a torn one (a file system may
-        // make the rename durable before the bytes). One sync per
-        // `HEAD_EVERY` at most. The rename itself may be lost: the head only
-        // ever lags the synced log.
+        // make the rename durable before the bytes); the directory after it,
+        // so that the rename is durable too: without a journal (ext4 without
+        // one) a rename waits for a sync of its directory, and a cut would
+        // leave the head of the last rotation, or none. Two syncs per
+        // `HEAD_EVERY` at most. A cut between them leaves the old head: the
+        // head only ever lags the synced log.
         let mut file = File::create(&tmp)?;
         file.write_all(&bytes)?;
         file.sync_data()?;
         std::fs::rename(&tmp, self.s.dir.join(HEAD_FILE))?;
+        File::open(&self.s.dir)?.sync_all()?;
         self.head_written = Some(seq);
         self.head_at = Some(Instant::now());
         Ok(())

@@ -14,11 +14,21 @@
 //! survives in part (its first half), as a disk may persist some sectors of a
 //! write and not others: a torn tail.
 //!
-//! Names (create, rename, unlink, mkdir, symlink) are durable at once: the
-//! model loses data, not directory entries. The kernel caches nothing the file
-//! system could later contradict: no writeback cache, and attributes and
-//! entries live for zero seconds. Locks are the kernel's own (the file system
-//! does not ask for `FUSE_POSIX_LOCKS`), which SQLite's WAL mode needs.
+//! Names are lost too. Each name change (create, mkdir, symlink, unlink,
+//! rmdir, rename) goes into a log, and the cut undoes, newest first,
+//! every change not made durable since: a new name goes, a removed one comes
+//! back with what it named (kept aside until then), a rename moves back over
+//! what it replaced. A change is durable once each directory it touched is
+//! synced (`fsync` of the directory), and, as ext4 does (`ext4_sync_parent`),
+//! a new name is also durable once the file or directory it names is synced,
+//! with every new directory above it. That is what ext4 without a journal (the
+//! root file system of this project's machines) keeps; ext4 with a journal
+//! keeps more, as its commits carry every earlier name change.
+//!
+//! The kernel caches nothing the file system could later contradict: no
+//! writeback cache, and attributes and entries live for zero seconds. Locks are
+//! the kernel's own (the file system does not ask for `FUSE_POSIX_LOCKS`),
+//! which SQLite's WAL mode needs.
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
@@ -58,6 +68,67 @@ pub struct Lost {
     pub len: (u64, u64),
 }
 
+/// What a power cut took: file contents, then names.
+#[derive(Debug)]
+pub struct Cut {
+    pub files: Vec<Lost>,
+    /// The name changes undone, newest first, as `created a`, `removed a`,
+    /// `renamed a to b`.
+    pub names: Vec<String>,
+}
+
+impl Cut {
+    /// Whether the cut undid unsynced writes to a file that `pick` chooses.
+    pub fn undid(&self, pick: impl Fn(&Path) -> bool) -> bool {
+        self.files.iter().any(|l| pick(&l.path))
+    }
+}
+
+/// How to undo one name change.
+#[derive(Debug)]
+enum NameUndo {
+    /// A new name (file, directory, symlink) for the inode `ino` in the
+    /// directory `parent`: removed again, with whatever is under it.
+    Created { rel: PathBuf, ino: u64, parent: u64 },
+    /// A removed name: what it named waits in the grave, and comes back.
+    Removed { rel: PathBuf, grave: PathBuf },
+    /// A rename: moved back, and what it replaced comes back from the grave.
+    Renamed {
+        from: PathBuf,
+        to: PathBuf,
+        replaced: Option<PathBuf>,
+    },
+}
+
+/// A name change not yet durable.
+#[derive(Debug)]
+struct NameChange {
+    /// The directories (inodes) still to be synced for it to be durable.
+    dirs: Vec<u64>,
+    undo: NameUndo,
+}
+
+impl NameChange {
+    /// The files it keeps aside, no longer needed once it is durable.
+    fn grave(&self) -> Option<&Path> {
+        match &self.undo {
+            NameUndo::Removed { grave, .. } => Some(grave),
+            NameUndo::Renamed { replaced, .. } => replaced.as_deref(),
+            NameUndo::Created { .. } => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.undo {
+            NameUndo::Created { rel, .. } => format!("created {}", rel.display()),
+            NameUndo::Removed { rel, .. } => format!("removed {}", rel.display()),
+            NameUndo::Renamed { from, to, .. } => {
+                format!("renamed {} to {}", from.display(), to.display())
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Inode number → path under the backing root ("" is the root).
@@ -68,6 +139,12 @@ struct State {
     next_fh: u64,
     /// Unsynced changes by inode, oldest first.
     undo: HashMap<u64, Vec<Undo>>,
+    /// Name changes not yet durable, oldest first.
+    names: Vec<NameChange>,
+    /// Where removed and replaced files wait (outside the disk's root, on the
+    /// same file system as the backing directory), and the next number there.
+    grave: PathBuf,
+    next_grave: u64,
     /// Set by the power cut: every operation fails from then on.
     dead: bool,
 }
@@ -79,6 +156,96 @@ impl State {
             .filter(|(_, u)| !u.is_empty())
             .filter_map(|(ino, _)| self.paths.get(ino).cloned())
             .collect()
+    }
+
+    /// Drop the changes that are durable now, and what they kept aside.
+    fn keep_pending(&mut self, pending: impl Fn(&NameChange) -> bool) {
+        let (kept, durable): (Vec<_>, Vec<_>) = std::mem::take(&mut self.names)
+            .into_iter()
+            .partition(pending);
+        self.names = kept;
+        for grave in durable.iter().filter_map(NameChange::grave) {
+            let _ = remove_any(grave);
+        }
+    }
+
+    /// `dir` was synced: every change it touched is durable as far as it
+    /// goes.
+    fn dir_synced(&mut self, dir: u64) {
+        for c in &mut self.names {
+            c.dirs.retain(|d| *d != dir);
+        }
+        self.keep_pending(|c| !c.dirs.is_empty());
+    }
+
+    /// `ino` was synced: as in ext4, a name still new becomes durable with
+    /// it, and so does each new directory above it.
+    fn entry_synced(&mut self, ino: u64) {
+        let mut ino = ino;
+        loop {
+            let new = self.names.iter().position(
+                |c| matches!(c.undo, NameUndo::Created { ino: created, .. } if created == ino),
+            );
+            let Some(i) = new else {
+                return;
+            };
+            let NameUndo::Created { parent, .. } = self.names.remove(i).undo else {
+                unreachable!()
+            };
+            ino = parent;
+        }
+    }
+
+    /// Move `rel` (under `root`) into the grave, keeping the inodes of
+    /// everything under it: their unsynced bytes are undone there, and the
+    /// name may come back.
+    fn bury(&mut self, root: &Path, rel: &Path) -> std::io::Result<PathBuf> {
+        let grave = self.grave.join(self.next_grave.to_string());
+        self.next_grave += 1;
+        std::fs::rename(root.join(rel), &grave)?;
+        self.move_inodes(rel, &grave);
+        Ok(grave)
+    }
+
+    /// The inodes at `from` and below now live at `to`.
+    fn move_inodes(&mut self, from: &Path, to: &Path) {
+        let moved: Vec<(PathBuf, u64)> = self
+            .inodes
+            .iter()
+            .filter(|(p, _)| p.starts_with(from))
+            .map(|(p, ino)| (p.clone(), *ino))
+            .collect();
+        for (old, ino) in moved {
+            let below = old.strip_prefix(from).unwrap();
+            let new = match below.as_os_str().is_empty() {
+                true => to.to_owned(),
+                false => to.join(below),
+            };
+            self.inodes.remove(&old);
+            self.inodes.insert(new.clone(), ino);
+            self.paths.insert(ino, new);
+        }
+    }
+}
+
+/// Remove a file, symlink or directory tree; absent is fine.
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    let r = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Rename, where an absent source means a later change already took it.
+fn move_back(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -92,6 +259,8 @@ struct LossyFs {
 pub struct LossyDisk {
     mnt: tempfile::TempDir,
     back: tempfile::TempDir,
+    /// Where removed and replaced names wait until they are durable.
+    _grave: tempfile::TempDir,
     state: Arc<Mutex<State>>,
     session: Option<fuser::BackgroundSession>,
 }
@@ -106,9 +275,12 @@ impl LossyDisk {
             return None;
         }
         let (mnt, back) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        // Beside the backing directory, so that a rename gets there.
+        let grave = tempfile::tempdir_in(back.path().parent().unwrap()).unwrap();
         let mut state = State {
             next_ino: 2,
             next_fh: 1,
+            grave: grave.path().to_owned(),
             ..State::default()
         };
         state.paths.insert(INodeNo::ROOT.0, PathBuf::new());
@@ -125,6 +297,7 @@ impl LossyDisk {
         Some(LossyDisk {
             mnt,
             back,
+            _grave: grave,
             state,
             session: Some(session),
         })
@@ -146,15 +319,22 @@ impl LossyDisk {
         lock(&self.state).unsynced()
     }
 
+    /// Name changes not durable now, oldest first (as [`Cut::names`] words
+    /// them).
+    pub fn unsynced_names(&self) -> Vec<String> {
+        lock(&self.state)
+            .names
+            .iter()
+            .map(NameChange::describe)
+            .collect()
+    }
+
     /// Cut the power now if `when` holds for the paths with unsynced changes
     /// (checked under the same lock, so nothing is written in between).
     /// Returns what was lost, or `None` (and nothing happens) when `when` is
     /// false. `tear` keeps the first half of each file's oldest unsynced write.
-    pub fn power_cut_if(
-        &self,
-        tear: bool,
-        when: impl FnOnce(&[PathBuf]) -> bool,
-    ) -> Option<Vec<Lost>> {
+    /// File contents are rolled back first, then names.
+    pub fn power_cut_if(&self, tear: bool, when: impl FnOnce(&[PathBuf]) -> bool) -> Option<Cut> {
         let mut s = lock(&self.state);
         assert!(!s.dead, "the power is already off");
         if !when(&s.unsynced()) {
@@ -192,7 +372,25 @@ impl LossyDisk {
                 len: (before, after),
             });
         }
-        Some(lost)
+        let root = self.back.path();
+        let mut names = Vec::new();
+        for change in std::mem::take(&mut s.names).into_iter().rev() {
+            names.push(change.describe());
+            let undone = match change.undo {
+                NameUndo::Created { rel, .. } => remove_any(&root.join(rel)),
+                NameUndo::Removed { rel, grave } => move_back(&grave, &root.join(rel)),
+                NameUndo::Renamed { from, to, replaced } => {
+                    move_back(&root.join(&to), &root.join(from)).and_then(|()| match replaced {
+                        Some(grave) => move_back(&grave, &root.join(to)),
+                        None => Ok(()),
+                    })
+                }
+            };
+            if let Err(e) = undone {
+                panic!("cannot undo {}: {e}", names.last().unwrap());
+            }
+        }
+        Some(Cut { files: lost, names })
     }
 
     /// Unmount (the writer must be gone, or the mount is busy).
@@ -307,40 +505,47 @@ impl LossyFs {
         })
     }
 
-    /// Forget `rel` and everything under it (it was removed or replaced).
-    fn forget_path(s: &mut State, rel: &Path) {
-        let gone: Vec<PathBuf> = s
-            .inodes
-            .keys()
-            .filter(|p| p.starts_with(rel))
-            .cloned()
-            .collect();
-        for p in gone {
-            if let Some(ino) = s.inodes.remove(&p) {
-                s.paths.remove(&ino);
-                s.undo.remove(&ino);
-            }
-        }
-    }
-
-    /// Unlink or rmdir: the name goes at once, with any unsynced bytes.
-    fn remove(
-        &self,
-        parent: INodeNo,
-        name: &OsStr,
-        op: fn(&Path) -> std::io::Result<()>,
-        reply: ReplyEmpty,
-    ) {
+    /// Unlink (`dir` false) or rmdir: the name goes to the grave, from which
+    /// a power cut before its directory is synced brings it back.
+    fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool, reply: ReplyEmpty) {
         let r = self.live().and_then(|mut s| {
             let rel = self.child(&s, parent, name)?;
-            op(&self.root.join(&rel)).map_err(errno)?;
-            Self::forget_path(&mut s, &rel);
+            let path = self.root.join(&rel);
+            let meta = std::fs::symlink_metadata(&path).map_err(errno)?;
+            match (dir, meta.is_dir()) {
+                (false, true) => return Err(Errno::EISDIR),
+                (true, false) => return Err(Errno::ENOTDIR),
+                (true, true) if std::fs::read_dir(&path).map_err(errno)?.next().is_some() => {
+                    return Err(Errno::ENOTEMPTY)
+                }
+                _ => {}
+            }
+            let grave = s.bury(&self.root, &rel).map_err(errno)?;
+            s.names.push(NameChange {
+                dirs: vec![parent.0],
+                undo: NameUndo::Removed { rel, grave },
+            });
             Ok(())
         });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+
+    /// The attributes of a name just made in `parent`, logged as a change
+    /// that a cut undoes until it is durable.
+    fn created(&self, s: &mut State, parent: INodeNo, rel: PathBuf) -> Result<FileAttr, Errno> {
+        let attr = self.attr(s, &rel)?;
+        s.names.push(NameChange {
+            dirs: vec![parent.0],
+            undo: NameUndo::Created {
+                rel,
+                ino: attr.ino.0,
+                parent: parent.0,
+            },
+        });
+        Ok(attr)
     }
 
     fn open_handle(&self, s: &mut State, ino: u64, file: File) -> FileHandle {
@@ -470,7 +675,7 @@ impl Filesystem for LossyFs {
             std::fs::create_dir(&path).map_err(errno)?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !umask))
                 .map_err(errno)?;
-            self.attr(&mut s, &rel)
+            self.created(&mut s, parent, rel)
         });
         match r {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -479,11 +684,11 @@ impl Filesystem for LossyFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, |p| std::fs::remove_file(p), reply);
+        self.remove(parent, name, false, reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        self.remove(parent, name, |p| std::fs::remove_dir(p), reply);
+        self.remove(parent, name, true, reply);
     }
 
     fn symlink(
@@ -497,7 +702,7 @@ impl Filesystem for LossyFs {
         let r = self.live().and_then(|mut s| {
             let rel = self.child(&s, parent, link_name)?;
             std::os::unix::fs::symlink(target, self.root.join(&rel)).map_err(errno)?;
-            self.attr(&mut s, &rel)
+            self.created(&mut s, parent, rel)
         });
         match r {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -523,24 +728,23 @@ impl Filesystem for LossyFs {
                 self.child(&s, parent, name)?,
                 self.child(&s, newparent, newname)?,
             );
+            std::fs::symlink_metadata(self.root.join(&from)).map_err(errno)?;
+            // What the new name replaces waits in the grave (the two steps
+            // are one to the kernel: it sees nothing in between).
+            let replaced = match std::fs::symlink_metadata(self.root.join(&to)) {
+                Ok(_) => Some(s.bury(&self.root, &to).map_err(errno)?),
+                Err(_) => None,
+            };
             std::fs::rename(self.root.join(&from), self.root.join(&to)).map_err(errno)?;
-            Self::forget_path(&mut s, &to);
-            let moved: Vec<(PathBuf, u64)> = s
-                .inodes
-                .iter()
-                .filter(|(p, _)| p.starts_with(&from))
-                .map(|(p, ino)| (p.clone(), *ino))
-                .collect();
-            for (old, ino) in moved {
-                let below = old.strip_prefix(&from).unwrap();
-                let new = match below.as_os_str().is_empty() {
-                    true => to.clone(),
-                    false => to.join(below),
-                };
-                s.inodes.remove(&old);
-                s.inodes.insert(new.clone(), ino);
-                s.paths.insert(ino, new);
+            s.move_inodes(&from, &to);
+            let mut dirs = vec![parent.0];
+            if newparent != parent {
+                dirs.push(newparent.0);
             }
+            s.names.push(NameChange {
+                dirs,
+                undo: NameUndo::Renamed { from, to, replaced },
+            });
             Ok(())
         });
         match r {
@@ -663,6 +867,7 @@ impl Filesystem for LossyFs {
         match self.live() {
             Ok(mut s) => {
                 s.undo.remove(&ino.0);
+                s.entry_synced(ino.0);
                 reply.ok()
             }
             Err(e) => reply.error(e),
@@ -708,13 +913,17 @@ impl Filesystem for LossyFs {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         match self.live() {
-            Ok(_) => reply.ok(),
+            Ok(mut s) => {
+                s.dir_synced(ino.0);
+                s.entry_synced(ino.0);
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -757,6 +966,7 @@ impl Filesystem for LossyFs {
         let r = self.live().and_then(|mut s| {
             let rel = self.child(&s, parent, name)?;
             let path = self.root.join(&rel);
+            let new = std::fs::symlink_metadata(&path).is_err();
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -768,7 +978,10 @@ impl Filesystem for LossyFs {
                 .map_err(errno)?;
             file.set_permissions(std::fs::Permissions::from_mode(mode & !umask & 0o7777))
                 .map_err(errno)?;
-            let attr = self.attr(&mut s, &rel)?;
+            let attr = match new {
+                true => self.created(&mut s, parent, rel)?,
+                false => self.attr(&mut s, &rel)?,
+            };
             let fh = self.open_handle(&mut s, attr.ino.0, file);
             Ok((attr, fh))
         });
