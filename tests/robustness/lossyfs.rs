@@ -270,11 +270,19 @@ impl LossyDisk {
     /// loudly, for another user. Panics, naming the cause, when root cannot
     /// mount it (no `/dev/fuse`).
     pub fn mount() -> Option<LossyDisk> {
+        LossyDisk::mount_over(tempfile::tempdir().unwrap())
+    }
+
+    /// The same over a backing directory already filled: what is in it is on
+    /// the disk, synced. Every user may use the disk; a name someone makes
+    /// belongs to them (so that a server running as another user finds its
+    /// files its own).
+    pub fn mount_over(back: tempfile::TempDir) -> Option<LossyDisk> {
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("NOT run: mounting the FUSE power-cut disk needs root (CI runs as root)");
             return None;
         }
-        let (mnt, back) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mnt = tempfile::tempdir().unwrap();
         // Beside the backing directory, so that a rename gets there.
         let grave = tempfile::tempdir_in(back.path().parent().unwrap()).unwrap();
         let mut state = State {
@@ -292,6 +300,7 @@ impl LossyDisk {
         };
         let mut config = fuser::Config::default();
         config.mount_options = vec![fuser::MountOption::FSName("lossyfs".into())];
+        config.acl = fuser::SessionACL::All;
         let session = fuser::spawn_mount(fs, mnt.path(), &config)
             .unwrap_or_else(|e| panic!("cannot mount the FUSE power-cut disk: {e}"));
         Some(LossyDisk {
@@ -533,9 +542,17 @@ impl LossyFs {
         }
     }
 
-    /// The attributes of a name just made in `parent`, logged as a change
-    /// that a cut undoes until it is durable.
-    fn created(&self, s: &mut State, parent: INodeNo, rel: PathBuf) -> Result<FileAttr, Errno> {
+    /// The attributes of a name `req`'s user just made in `parent` (now
+    /// theirs), logged as a change that a cut undoes until it is durable.
+    fn created(
+        &self,
+        req: &Request,
+        s: &mut State,
+        parent: INodeNo,
+        rel: PathBuf,
+    ) -> Result<FileAttr, Errno> {
+        std::os::unix::fs::lchown(self.root.join(&rel), Some(req.uid()), Some(req.gid()))
+            .map_err(errno)?;
         let attr = self.attr(s, &rel)?;
         s.names.push(NameChange {
             dirs: vec![parent.0],
@@ -662,7 +679,7 @@ impl Filesystem for LossyFs {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -675,7 +692,7 @@ impl Filesystem for LossyFs {
             std::fs::create_dir(&path).map_err(errno)?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !umask))
                 .map_err(errno)?;
-            self.created(&mut s, parent, rel)
+            self.created(req, &mut s, parent, rel)
         });
         match r {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -693,7 +710,7 @@ impl Filesystem for LossyFs {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
@@ -702,7 +719,7 @@ impl Filesystem for LossyFs {
         let r = self.live().and_then(|mut s| {
             let rel = self.child(&s, parent, link_name)?;
             std::os::unix::fs::symlink(target, self.root.join(&rel)).map_err(errno)?;
-            self.created(&mut s, parent, rel)
+            self.created(req, &mut s, parent, rel)
         });
         match r {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -955,7 +972,7 @@ impl Filesystem for LossyFs {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -979,7 +996,7 @@ impl Filesystem for LossyFs {
             file.set_permissions(std::fs::Permissions::from_mode(mode & !umask & 0o7777))
                 .map_err(errno)?;
             let attr = match new {
-                true => self.created(&mut s, parent, rel)?,
+                true => self.created(req, &mut s, parent, rel)?,
                 false => self.attr(&mut s, &rel)?,
             };
             let fh = self.open_handle(&mut s, attr.ino.0, file);
