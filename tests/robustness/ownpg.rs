@@ -175,7 +175,7 @@ impl OwnPostgres {
 }
 
 /// State and parent of a process, from `/proc/<pid>/stat`.
-fn stat(pid: &str) -> Option<(String, i32)> {
+fn stat(pid: i32) -> Option<(String, i32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the command's closing parenthesis: state, ppid, ...
     let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
@@ -189,14 +189,14 @@ fn children_of(parent: i32) -> Vec<i32> {
     procs
         .filter_map(Result::ok)
         .filter_map(|p| p.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| stat(&pid.to_string()).is_some_and(|(_, ppid)| ppid == parent))
+        .filter(|pid| stat(*pid).is_some_and(|(_, ppid)| ppid == parent))
         .collect()
 }
 
 /// Whether `pid` runs (a zombie, which holds no files, does not; whether
 /// anything reaps it is up to the machine's init).
 fn alive(pid: i32) -> bool {
-    stat(&pid.to_string()).is_some_and(|(state, _)| state != "Z")
+    stat(pid).is_some_and(|(state, _)| state != "Z")
 }
 
 impl Drop for OwnPostgres {
