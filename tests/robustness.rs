@@ -2259,11 +2259,12 @@ struct PostgresCut {
 /// test's own (`OwnPostgres`), its data directory on a `LossyDisk`; the server
 /// flushes its WAL only when a session waits for it (its default
 /// `synchronous_commit = off`, which the gate overrides for its sessions, and
-/// a WAL writer that waits 10 s); the gate at `durability`. The power goes when `when` holds for the files
-/// with unsynced writes; the server (its whole process group) and the gate
-/// are SIGKILLed, and the server starts again on the disk as the cut left it:
-/// its crash recovery. `None` where the test cannot run (not root; no
-/// `GATE_TEST_POSTGRES_URL`, so no server installed as far as it knows).
+/// a WAL writer that waits 10 s); the gate at `durability`. The power goes
+/// when `when` holds for the files with unsynced writes; the server (with
+/// every process it started) and the gate are SIGKILLed, and the server starts
+/// again on the disk as the cut left it: its crash recovery. `None` where the
+/// test cannot run (not root; no `GATE_TEST_POSTGRES_URL`, so no server
+/// installed as far as it knows).
 async fn postgres_power_cut(durability: &str, when: fn(&[PathBuf]) -> bool) -> Option<PostgresCut> {
     postgres_url("the PostgreSQL power-cut tests")?;
     if unsafe { libc::geteuid() } != 0 {
