@@ -2309,13 +2309,11 @@ async fn postgres_power_cut(durability: &str, when: fn(&[PathBuf]) -> bool) -> O
     // The ledger's schema and the key on the disk: the cut is to take draws
     // (at `process-crash` the gate's migrations and the key's creation are
     // commits the server need not flush either).
-    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+    Store::pg(&pg.url())
+        .await
+        .batch_execute("CHECKPOINT")
         .await
         .unwrap();
-    let conn = tokio::spawn(conn);
-    client.batch_execute("CHECKPOINT").await.unwrap();
-    drop(client);
-    let _ = conn.await;
 
     let drawers = Drawers::start(gate.addr, &secret, 16);
     let cut = cut_under_load(&disk, when, || format!("(the server's log: {})", pg.log())).await;
@@ -2339,11 +2337,8 @@ async fn postgres_power_cut(durability: &str, when: fn(&[PathBuf]) -> bool) -> O
     );
 
     pg.start(&disk.backing().join("pgdata"), &[]).await;
-    let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+    let registered = Store::pg(&pg.url())
         .await
-        .unwrap();
-    tokio::spawn(conn);
-    let registered = client
         .query("SELECT task_id FROM cut.tasks", &[])
         .await
         .unwrap()
