@@ -405,8 +405,18 @@ impl LossyDisk {
     /// Unmount (the writer must be gone, or the mount is busy).
     pub fn unmount(&mut self) {
         if let Some(session) = self.session.take() {
-            session.umount_and_join().expect("unmount the FUSE disk");
+            if let Err(e) = session.umount_and_join() {
+                // Not left mounted after the test, whatever it failed on.
+                self.detach();
+                panic!("unmount the FUSE disk: {e}");
+            }
         }
+    }
+
+    /// Unmount lazily: the mount goes once nothing has a file open in it.
+    fn detach(&self) {
+        let path = std::ffi::CString::new(self.mnt.path().as_os_str().as_encoded_bytes()).unwrap();
+        unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
     }
 }
 
@@ -414,9 +424,7 @@ impl Drop for LossyDisk {
     fn drop(&mut self) {
         if self.session.is_some() {
             // Lazily: a panicking test may leave a process with files open.
-            let path =
-                std::ffi::CString::new(self.mnt.path().as_os_str().as_encoded_bytes()).unwrap();
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+            self.detach();
             drop(self.session.take());
         }
     }
