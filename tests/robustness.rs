@@ -2064,6 +2064,25 @@ fn audit_verify(env: &[(String, String)]) -> (Option<i32>, String) {
     gate_cli(env, &["audit", "verify"])
 }
 
+/// The draws clients were told went through (`told`, their task ids) that
+/// the ledger has not `registered`.
+fn unregistered<'a>(
+    told: &'a [String],
+    registered: &std::collections::HashSet<String>,
+) -> Vec<&'a String> {
+    told.iter().filter(|t| !registered.contains(*t)).collect()
+}
+
+fn assert_all_registered(told: &[String], registered: &std::collections::HashSet<String>) {
+    let missing = unregistered(told, registered);
+    assert!(
+        missing.is_empty(),
+        "{} of {} answered draws are not in the ledger after the cut: {missing:?}",
+        missing.len(),
+        told.len()
+    );
+}
+
 fn is_wal(p: &Path) -> bool {
     p.file_name() == Some(OsStr::new("ledger.db-wal"))
 }
@@ -2148,14 +2167,7 @@ async fn a_power_cut_under_load_loses_no_answered_draw() {
         .unwrap_or_else(|e| panic!("no audit head after the power cut: {e}; {lost:?}"));
     let head: Result<Value, _> = serde_json::from_slice(&head);
     assert!(head.is_ok(), "a torn audit head: {head:?}");
-    let registered = registered_tasks(disk.backing());
-    let missing: Vec<&String> = told.iter().filter(|t| !registered.contains(*t)).collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} answered draws are not in the ledger after the cut: {missing:?}",
-        missing.len(),
-        told.len()
-    );
+    assert_all_registered(&told, &registered_tasks(disk.backing()));
 
     let gate = ChildGate::start(&env, &["serve"], Stdio::null()).await;
     let acc = gate.account(&http, admin_token, &id).await;
@@ -2387,17 +2399,7 @@ async fn a_power_cut_of_the_postgres_servers_disk_loses_no_answered_draw() {
         "ledger verify after the cut: {}",
         c.verify.1
     );
-    let missing: Vec<&String> = c
-        .told
-        .iter()
-        .filter(|t| !c.registered.contains(*t))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} answered draws are not in the ledger after the cut: {missing:?}",
-        missing.len(),
-        c.told.len()
-    );
+    assert_all_registered(&c.told, &c.registered);
     assert_eq!(c.account["reserved"], 0, "{}", c.account);
     assert!(
         c.account["spent"].as_u64().unwrap() >= 12 * c.told.len() as u64,
@@ -2424,7 +2426,7 @@ async fn at_process_crash_durability_a_power_cut_of_the_postgres_servers_disk_lo
         "ledger verify after the cut: {}",
         c.verify.1
     );
-    let missing = c.told.iter().filter(|t| !c.registered.contains(*t)).count();
+    let missing = unregistered(&c.told, &c.registered).len();
     eprintln!(
         "{missing} of {} answered draws lost with the server's unflushed WAL",
         c.told.len()

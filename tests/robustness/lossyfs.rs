@@ -158,24 +158,19 @@ impl State {
             .collect()
     }
 
-    /// Drop the changes that are durable now, and what they kept aside.
-    fn keep_pending(&mut self, pending: impl Fn(&NameChange) -> bool) {
-        let (kept, durable): (Vec<_>, Vec<_>) = std::mem::take(&mut self.names)
-            .into_iter()
-            .partition(pending);
-        self.names = kept;
-        for grave in durable.iter().filter_map(NameChange::grave) {
-            let _ = remove_any(grave);
-        }
-    }
-
     /// `dir` was synced: every change it touched is durable as far as it
-    /// goes.
+    /// goes; those durable now are dropped, with what they kept aside.
     fn dir_synced(&mut self, dir: u64) {
         for c in &mut self.names {
             c.dirs.retain(|d| *d != dir);
         }
-        self.keep_pending(|c| !c.dirs.is_empty());
+        let (pending, durable): (Vec<_>, Vec<_>) = std::mem::take(&mut self.names)
+            .into_iter()
+            .partition(|c| !c.dirs.is_empty());
+        self.names = pending;
+        for grave in durable.iter().filter_map(NameChange::grave) {
+            let _ = remove_any(grave);
+        }
     }
 
     /// `ino` was synced: as in ext4, a name still new becomes durable with
@@ -239,6 +234,12 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
+}
+
+/// Whether the directory at `path` holds nothing (rmdir, or a rename over it,
+/// may go ahead).
+fn empty_dir(path: &Path) -> Result<bool, Errno> {
+    Ok(std::fs::read_dir(path).map_err(errno)?.next().is_none())
 }
 
 /// Rename, where an absent source means a later change already took it.
@@ -532,9 +533,7 @@ impl LossyFs {
             match (dir, meta.is_dir()) {
                 (false, true) => return Err(Errno::EISDIR),
                 (true, false) => return Err(Errno::ENOTDIR),
-                (true, true) if std::fs::read_dir(&path).map_err(errno)?.next().is_some() => {
-                    return Err(Errno::ENOTEMPTY)
-                }
+                (true, true) if !empty_dir(&path)? => return Err(Errno::ENOTEMPTY),
                 _ => {}
             }
             let grave = s.bury(&self.root, &rel).map_err(errno)?;
@@ -753,14 +752,31 @@ impl Filesystem for LossyFs {
                 self.child(&s, parent, name)?,
                 self.child(&s, newparent, newname)?,
             );
-            std::fs::symlink_metadata(self.root.join(&from)).map_err(errno)?;
+            let moving = std::fs::symlink_metadata(self.root.join(&from)).map_err(errno)?;
             // What the new name replaces waits in the grave (the two steps
-            // are one to the kernel: it sees nothing in between).
+            // are one to the kernel: it sees nothing in between), once it is
+            // sure rename(2) would replace it.
             let replaced = match std::fs::symlink_metadata(self.root.join(&to)) {
-                Ok(_) => Some(s.bury(&self.root, &to).map_err(errno)?),
+                Ok(target) => {
+                    match (moving.is_dir(), target.is_dir()) {
+                        (false, true) => return Err(Errno::EISDIR),
+                        (true, false) => return Err(Errno::ENOTDIR),
+                        (true, true) if !empty_dir(&self.root.join(&to))? => {
+                            return Err(Errno::ENOTEMPTY)
+                        }
+                        _ => {}
+                    }
+                    Some(s.bury(&self.root, &to).map_err(errno)?)
+                }
                 Err(_) => None,
             };
-            std::fs::rename(self.root.join(&from), self.root.join(&to)).map_err(errno)?;
+            if let Err(e) = std::fs::rename(self.root.join(&from), self.root.join(&to)) {
+                if let Some(grave) = &replaced {
+                    let _ = std::fs::rename(grave, self.root.join(&to));
+                    s.move_inodes(grave, &to);
+                }
+                return Err(errno(e));
+            }
             s.move_inodes(&from, &to);
             let mut dirs = vec![parent.0];
             if newparent != parent {
